@@ -1,0 +1,353 @@
+"""The worker side of snakepitd's framed protocol. Started by snakepitd as
+``python -m snakepit._worker`` with the protocol socket on fd 3; not meant to
+be run by hand.
+
+Frame: a 16-byte little-endian header (payload length u32, type u8, flags u8,
+reserved u16, request id u64) followed by the payload. The daemon's Go side
+(pkg/worker/protocol.go) is the authority on the layout.
+"""
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import queue
+import socket
+import struct
+import sys
+import threading
+import traceback
+
+import snakepit
+from snakepit import Cancelled, Context, ToolError
+
+PROTOCOL_VERSION = 1
+
+HDR = struct.Struct("<IBBHQ")
+CALL_HDR = struct.Struct("<IHHHH")
+
+# Frame types; keep in step with pkg/worker/protocol.go.
+T_HELLO = 1
+T_CALL = 2
+T_RESULT = 3
+T_ERROR = 4
+T_CANCEL = 5
+T_PING = 6
+T_PONG = 7
+T_FATAL = 8
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_encode = _encoder.encode
+_decode = json.loads
+
+
+class _Conn(object):
+    def __init__(self, fd):
+        os.set_inheritable(fd, False)
+        self.sock = socket.socket(fileno=fd)
+        self.rfile = self.sock.makefile("rb", buffering=1 << 16)
+        self.lock = threading.Lock()
+        self._sendall = self.sock.sendall
+        self._pack = HDR.pack
+
+    def send(self, typ, rid, payload=b""):
+        hdr = self._pack(len(payload), typ, 0, 0, rid)
+        with self.lock:
+            if len(payload) < 65536:
+                self._sendall(hdr + payload)
+            else:
+                self._sendall(hdr)
+                self._sendall(payload)
+
+    def recv(self):
+        hdr = self.rfile.read(16)
+        if len(hdr) < 16:
+            return None
+        n, typ, _flags, _res, rid = HDR.unpack(hdr)
+        payload = self.rfile.read(n) if n else b""
+        if len(payload) < n:
+            return None
+        return typ, rid, payload
+
+
+def _type_name(annotation):
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+class _Tool(object):
+    __slots__ = ("name", "fn", "wants_ctx", "is_async", "spec")
+
+    def __init__(self, name, fn, doc):
+        self.name = name
+        self.fn = fn
+        sig = inspect.signature(fn)
+        self.wants_ctx = False
+        params = []
+        for p in sig.parameters.values():
+            if p.name == "ctx" or p.annotation is Context or p.annotation == "Context":
+                self.wants_ctx = True
+                continue
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            entry = {"name": p.name, "type": _type_name(p.annotation), "required": p.default is p.empty}
+            if p.default is not p.empty:
+                try:
+                    entry["default_json"] = _encode(p.default)
+                except (TypeError, ValueError):
+                    pass
+            params.append(entry)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.spec = {
+            "name": name,
+            "doc": doc if doc is not None else (inspect.getdoc(fn) or ""),
+            "parameters": params,
+            "streaming": inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn),
+        }
+
+
+def _load_module(spec):
+    if spec.endswith(".py") or os.sep in spec:
+        path = os.path.abspath(spec)
+        name = os.path.splitext(os.path.basename(path))[0]
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        mspec = importlib.util.spec_from_file_location(name, path)
+        if mspec is None:
+            raise ImportError("cannot load adapter file %r" % path)
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[name] = module
+        mspec.loader.exec_module(module)
+        return module
+    return importlib.import_module(spec)
+
+
+def _marked(obj):
+    return getattr(obj, snakepit._TOOL_ATTR, None)
+
+
+def load_adapter(spec):
+    """Import the adapter named by spec ("module", "module:Class",
+    "path/file.py" or "path/file.py:Class"), run its setup hooks and return
+    its tools by name."""
+    module_spec, _, class_name = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if not module_spec:
+        module_spec, class_name = spec, ""
+    module = _load_module(module_spec)
+    target = module
+    if class_name:
+        cls = getattr(module, class_name, None)
+        if cls is None or not inspect.isclass(cls):
+            raise ImportError("adapter %r has no class %r" % (module_spec, class_name))
+        target = cls()
+    else:
+        has_functions = any(
+            _marked(v) for v in vars(module).values() if inspect.isfunction(v)
+        )
+        if not has_functions:
+            classes = [
+                v
+                for v in vars(module).values()
+                if inspect.isclass(v)
+                and v.__module__ == module.__name__
+                and any(_marked(m) for m in vars(v).values())
+            ]
+            if len(classes) == 1:
+                target = classes[0]()
+    tools = {}
+    setups = []
+    for attr in dir(target):
+        try:
+            value = getattr(target, attr)
+        except Exception:  # properties of a class adapter may raise
+            continue
+        if not callable(value):
+            continue
+        if inspect.ismodule(target) and getattr(value, "__module__", None) not in (module.__name__, None):
+            # tools imported from elsewhere belong to their own adapter
+            if not _marked(value):
+                continue
+        mark = _marked(value)
+        if mark:
+            name = mark["name"]
+            if name in tools:
+                raise ImportError("adapter %r declares tool %r twice" % (spec, name))
+            tools[name] = _Tool(name, value, mark["doc"])
+        if getattr(value, snakepit._SETUP_ATTR, False):
+            setups.append(value)
+    if not tools:
+        raise ImportError("adapter %r declares no tools: mark functions with @snakepit.tool" % spec)
+    for fn in setups:
+        fn()
+    return tools
+
+
+def _error(kind, exc=None, message=None, with_traceback=True):
+    body = {"kind": kind}
+    if exc is not None:
+        body["type"] = type(exc).__name__
+        body["message"] = str(exc) if message is None else message
+        if with_traceback:
+            body["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    else:
+        body["message"] = message or ""
+    try:
+        return _encode(body).encode("utf-8")
+    except Exception:
+        return json.dumps({"kind": kind, "message": repr(body.get("message"))}).encode("utf-8")
+
+
+class Worker(object):
+    def __init__(self, conn, tools, capacity):
+        self.conn = conn
+        self.tools = tools
+        self.capacity = capacity
+        self.calls = queue.SimpleQueue()
+        self.inflight = {}
+        self.local = threading.local()
+
+    def start_threads(self):
+        for i in range(self.capacity):
+            t = threading.Thread(target=self._run_calls, name="snakepit-call-%d" % i, daemon=True)
+            t.start()
+
+    def serve(self):
+        """Read frames until the daemon closes its end."""
+        recv = self.conn.recv
+        send = self.conn.send
+        put = self.calls.put
+        while True:
+            frame = recv()
+            if frame is None:
+                return
+            typ, rid, payload = frame
+            if typ == T_CALL:
+                put((rid, payload))
+            elif typ == T_PING:
+                send(T_PONG, rid)
+            elif typ == T_CANCEL:
+                ctx = self.inflight.get(rid)
+                if ctx is not None:
+                    ctx._cancelled = True
+            else:
+                sys.stderr.write("snakepit worker: unknown frame type %d\n" % typ)
+
+    def _run_calls(self):
+        get = self.calls.get
+        while True:
+            rid, payload = get()
+            try:
+                self._call(rid, payload)
+            except BaseException:  # never lose a call: answer it
+                try:
+                    self.conn.send(T_ERROR, rid, _error("internal", sys.exc_info()[1]))
+                except Exception:
+                    pass
+
+    def _call(self, rid, p):
+        send = self.conn.send
+        timeout_ms, tl, sl, rl, cl = CALL_HDR.unpack_from(p, 0)
+        o = 12
+        name = p[o : o + tl].decode("utf-8")
+        o += tl
+        tool = self.tools.get(name)
+        if tool is None:
+            send(T_ERROR, rid, _error("unknown_tool", message="no tool %r" % name))
+            return
+        raw = p[o + sl + rl + cl :]
+        try:
+            kwargs = _decode(raw) if raw else {}
+        except ValueError as e:
+            send(T_ERROR, rid, _error("invalid_args", message="args are not valid JSON: %s" % e))
+            return
+        if type(kwargs) is not dict:
+            send(T_ERROR, rid, _error("invalid_args", message="args must be a JSON object, got %s" % type(kwargs).__name__))
+            return
+        ctx = None
+        if tool.wants_ctx:
+            session = p[o : o + sl].decode("utf-8")
+            o += sl
+            request_id = p[o : o + rl].decode("utf-8")
+            ctx = Context(request_id, session, timeout_ms)
+            kwargs["ctx"] = ctx
+            self.inflight[rid] = ctx
+        try:
+            try:
+                if tool.is_async:
+                    result = self._run_async(tool.fn(**kwargs))
+                else:
+                    result = tool.fn(**kwargs)
+            except TypeError as e:
+                if e.__traceback__ is not None and e.__traceback__.tb_next is None:
+                    # Raised while binding the arguments, not inside the tool.
+                    send(T_ERROR, rid, _error("invalid_args", message="%s: %s" % (name, e)))
+                    return
+                send(T_ERROR, rid, _error("exception", e))
+                return
+            except Cancelled as e:
+                send(T_ERROR, rid, _error("cancelled", e, with_traceback=False))
+                return
+            except ToolError as e:
+                send(T_ERROR, rid, _error("exception", e, with_traceback=False))
+                return
+            except Exception as e:
+                send(T_ERROR, rid, _error("exception", e))
+                return
+            try:
+                out = _encode(result).encode("utf-8")
+            except (TypeError, ValueError) as e:
+                send(T_ERROR, rid, _error("encode", message="result of %s cannot be encoded as JSON: %s" % (name, e)))
+                return
+            send(T_RESULT, rid, out)
+        finally:
+            if ctx is not None:
+                self.inflight.pop(rid, None)
+
+    def _run_async(self, coro):
+        loop = getattr(self.local, "loop", None)
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self.local.loop = loop
+        return loop.run_until_complete(coro)
+
+
+def main():
+    fd = int(os.environ.get("SNAKEPIT_FD", "3"))
+    conn = _Conn(fd)
+    adapter = os.environ.get("SNAKEPIT_ADAPTER", "")
+    capacity = int(os.environ.get("SNAKEPIT_CAPACITY", "1"))
+    try:
+        if not adapter:
+            raise ImportError("SNAKEPIT_ADAPTER is not set")
+        tools = load_adapter(adapter)
+    except BaseException as e:
+        conn.send(T_FATAL, 0, _error("adapter", e))
+        sys.stderr.flush()
+        os._exit(3)
+    hello = {
+        "protocol": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "tools": [t.spec for t in tools.values()],
+    }
+    worker = Worker(conn, tools, max(1, capacity))
+    worker.start_threads()
+    conn.send(T_HELLO, 0, _encode(hello).encode("utf-8"))
+    try:
+        worker.serve()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

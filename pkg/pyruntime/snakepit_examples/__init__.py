@@ -1,0 +1,1 @@
+"""Adapters bundled with snakepit."""

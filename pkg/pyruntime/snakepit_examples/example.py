@@ -1,0 +1,55 @@
+"""The example adapter snakepitd serves when no configuration is given."""
+
+import os
+import time
+
+from snakepit import Context, tool
+
+
+@tool
+def noop():
+    """Do nothing and return null (useful to measure overhead)."""
+    return None
+
+
+@tool
+def echo(**kwargs):
+    """Return the arguments it was given."""
+    return kwargs
+
+
+@tool
+def add(a: float, b: float) -> float:
+    """Add two numbers."""
+    return a + b
+
+
+@tool
+def upper(text: str) -> str:
+    """Return text in upper case."""
+    return text.upper()
+
+
+@tool
+def sleep(seconds: float, ctx: Context) -> float:
+    """Sleep for a while, returning early (with the time slept) when the call
+    is cancelled."""
+    start = time.monotonic()
+    end = start + seconds
+    while time.monotonic() < end:
+        if ctx.cancelled:
+            break
+        time.sleep(min(0.01, max(0.0, end - time.monotonic())))
+    return time.monotonic() - start
+
+
+@tool
+def fail(message: str = "failed on purpose"):
+    """Raise a ValueError with the given message."""
+    raise ValueError(message)
+
+
+@tool
+def whoami(ctx: Context) -> dict:
+    """Report the worker process and the call's ids."""
+    return {"pid": os.getpid(), "request_id": ctx.request_id, "session_id": ctx.session_id}

@@ -1,0 +1,3 @@
+import snakepit
+
+raise ImportError("this adapter is broken on purpose")

@@ -1,0 +1,651 @@
+// Package worker supervises one Python worker process: it spawns it in its
+// own process group, performs the handshake, multiplexes concurrent calls over
+// the framed protocol on an inherited socket (fd 3), relays the process's
+// stdout and stderr to the log, and reports how the process ended.
+//
+// A Worker knows nothing about pools or queues; pkg/agent decides which worker
+// gets a call and counts its free slots.
+package worker
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// ID is a worker's slot number in its pool, from 0. It is stable for the
+// life of the daemon: the process replacing a crashed or recycled worker keeps
+// the ID and gets a new Generation.
+type ID uint64
+
+// Generation tells apart the processes that have served one worker slot. It
+// is unique on the node across all pools and, because the agent seeds it from
+// a counter persisted in the state directory, across restarts of the daemon:
+// a (pool, ID, Generation) triple is never reused.
+type Generation uint64
+
+// Param describes one parameter of a tool.
+type Param struct {
+	Name        string `json:"name"`
+	Type        string `json:"type"`
+	Required    bool   `json:"required"`
+	DefaultJSON string `json:"default_json"`
+}
+
+// Tool describes one tool as the adapter declares it.
+type Tool struct {
+	Name       string  `json:"name"`
+	Doc        string  `json:"doc"`
+	Parameters []Param `json:"parameters"`
+	Streaming  bool    `json:"streaming"`
+}
+
+// Hello is the worker's handshake, sent once the adapter is loaded and its
+// setup has run.
+type Hello struct {
+	Protocol int    `json:"protocol"`
+	PID      int    `json:"pid"`
+	Python   string `json:"python"`
+	Tools    []Tool `json:"tools"`
+}
+
+// Spec says how to start a worker.
+type Spec struct {
+	Pool       string
+	ID         ID
+	Generation Generation
+	// Python is the interpreter to run.
+	Python string
+	// Adapter names the user's module: "module", "module:Class",
+	// "path/file.py" or "path/file.py:Class".
+	Adapter string
+	// Capacity is how many calls the worker runs at once (threads).
+	Capacity int
+	// Env is the complete environment of the process; Start adds the
+	// protocol's own variables.
+	Env []string
+	// Dir is the working directory; empty means the daemon's.
+	Dir string
+	// MaxFrame bounds the size of a frame in either direction.
+	MaxFrame int
+	// StartTimeout bounds the time from spawn to handshake.
+	StartTimeout time.Duration
+	// StderrTail is how many of the last stderr lines are kept to explain a
+	// crash.
+	StderrTail int
+	// OnRelease is called once for every Call, after the worker's side of
+	// that call is over: its result or error arrived, the write failed, or
+	// the process died. A call abandoned by its caller (cancelled) is released
+	// only when the worker answers it, so a slot is never counted free while
+	// Python still runs the call.
+	OnRelease func(*Worker)
+	Logger    zerolog.Logger
+}
+
+// Call is one call of a tool.
+type Call struct {
+	Tool          string
+	Args          []byte
+	SessionID     string
+	RequestID     string
+	CorrelationID string
+	// Timeout is the time the tool has left; 0 means none. It reaches Python
+	// as ctx.deadline.
+	Timeout time.Duration
+}
+
+// State is where a worker is in its life.
+type State int32
+
+// Worker states.
+const (
+	StateStarting State = iota
+	StateReady
+	StateStopping
+	StateExited
+)
+
+func (s State) String() string {
+	switch s {
+	case StateStarting:
+		return "starting"
+	case StateReady:
+		return "ready"
+	case StateStopping:
+		return "stopping"
+	case StateExited:
+		return "exited"
+	}
+	return "unknown"
+}
+
+type reply struct {
+	payload []byte
+	err     error
+}
+
+type pending struct {
+	ch chan reply
+}
+
+var pendingPool = sync.Pool{New: func() any { return &pending{ch: make(chan reply, 1)} }}
+
+// drainWait bounds how long a dead worker's last output and frames are
+// awaited before its calls are failed.
+const drainWait = 100 * time.Millisecond
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
+
+// Worker is one running Python worker process. Its methods are safe for
+// concurrent use.
+type Worker struct {
+	spec    Spec
+	log     zerolog.Logger
+	cmd     *exec.Cmd
+	pid     int
+	started time.Time
+	conn    net.Conn
+	hello   Hello
+
+	wmu sync.Mutex // serialises writes to conn
+
+	mu      sync.Mutex
+	pending map[uint64]*pending
+	nextID  uint64
+	closed  bool  // no new calls: the worker is stopping or gone
+	exitErr error // set once the process is gone
+
+	state     atomic.Int32
+	served    atomic.Uint64
+	stopping  atomic.Bool // the daemon asked it to stop
+	lastPong  atomic.Int64
+	ready     chan struct{}
+	done      chan struct{}
+	readDone  chan struct{}
+	startErr  error // guarded by mu
+	stderrMu  sync.Mutex
+	stderr    []string
+	outputsWG sync.WaitGroup
+}
+
+// Start spawns a worker and waits until it has loaded its adapter and sent
+// its handshake, ctx is done, or Spec.StartTimeout passes. On failure the
+// process is gone when Start returns; a *StartError carries the Python
+// traceback when the adapter failed to import.
+func Start(ctx context.Context, spec Spec) (*Worker, error) {
+	if spec.Capacity < 1 {
+		spec.Capacity = 1
+	}
+	w := &Worker{
+		spec:    spec,
+		log:     spec.Logger.With().Str("pool", spec.Pool).Uint64("worker_id", uint64(spec.ID)).Uint64("generation", uint64(spec.Generation)).Logger(),
+		pending: make(map[uint64]*pending),
+		ready:    make(chan struct{}),
+		done:     make(chan struct{}),
+		readDone: make(chan struct{}),
+	}
+	if err := w.spawn(); err != nil {
+		return nil, &StartError{Pool: spec.Pool, Adapter: spec.Adapter, Err: err}
+	}
+	var timeout <-chan time.Time
+	if spec.StartTimeout > 0 {
+		t := time.NewTimer(spec.StartTimeout)
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case <-w.ready:
+		w.state.Store(int32(StateReady))
+		return w, nil
+	case <-w.done:
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if w.startErr != nil {
+			return nil, w.startErr
+		}
+		return nil, &StartError{Pool: spec.Pool, Adapter: spec.Adapter, Err: w.exitErr}
+	case <-timeout:
+		w.Kill()
+		<-w.done
+		return nil, &StartError{Pool: spec.Pool, Adapter: spec.Adapter,
+			Err: fmt.Errorf("no handshake within %s (a slow setup hook? raise the pool's start_timeout)", spec.StartTimeout)}
+	case <-ctx.Done():
+		w.Kill()
+		<-w.done
+		return nil, &StartError{Pool: spec.Pool, Adapter: spec.Adapter, Err: ctx.Err()}
+	}
+}
+
+func (w *Worker) spawn() error {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socketpair: %w", err)
+	}
+	parent := os.NewFile(uintptr(fds[0]), "snakepit-worker")
+	child := os.NewFile(uintptr(fds[1]), "snakepit-worker-child")
+	defer child.Close()
+	conn, err := net.FileConn(parent)
+	parent.Close()
+	if err != nil {
+		child.Close()
+		return fmt.Errorf("socket: %w", err)
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		conn.Close()
+		return err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		conn.Close()
+		outR.Close()
+		outW.Close()
+		return err
+	}
+	cmd := exec.Command(w.spec.Python, "-m", "snakepit._worker")
+	cmd.Env = append(w.spec.Env[:len(w.spec.Env):len(w.spec.Env)],
+		"SNAKEPIT_FD=3",
+		"SNAKEPIT_ADAPTER="+w.spec.Adapter,
+		fmt.Sprintf("SNAKEPIT_CAPACITY=%d", w.spec.Capacity),
+		fmt.Sprintf("SNAKEPIT_WORKER_ID=%d", w.spec.ID),
+		fmt.Sprintf("SNAKEPIT_WORKER_GENERATION=%d", w.spec.Generation),
+		"SNAKEPIT_POOL="+w.spec.Pool,
+	)
+	cmd.Dir = w.spec.Dir
+	cmd.Stdin = nil
+	cmd.Stdout = outW
+	cmd.Stderr = errW
+	cmd.ExtraFiles = []*os.File{child}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	err = cmd.Start()
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		conn.Close()
+		outR.Close()
+		errR.Close()
+		return fmt.Errorf("start %s: %w", w.spec.Python, err)
+	}
+	w.cmd = cmd
+	w.pid = cmd.Process.Pid
+	w.started = time.Now()
+	w.conn = conn
+	w.lastPong.Store(w.started.UnixNano())
+	w.log = w.log.With().Int("pid", w.pid).Logger()
+	w.outputsWG.Add(2)
+	go w.relay(outR, "stdout")
+	go w.relay(errR, "stderr")
+	go w.readLoop()
+	go w.wait()
+	return nil
+}
+
+// relay turns the process's output into log lines.
+func (w *Worker) relay(r *os.File, stream string) {
+	defer w.outputsWG.Done()
+	defer r.Close()
+	br := bufio.NewReaderSize(r, 16<<10)
+	for {
+		line, err := br.ReadString('\n')
+		if len(line) > 0 {
+			line = strings.TrimRight(line, "\r\n")
+			if stream == "stderr" {
+				w.keepStderr(line)
+			}
+			w.log.Info().Str("stream", stream).Str("line", line).Msg("worker output")
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (w *Worker) keepStderr(line string) {
+	n := w.spec.StderrTail
+	if n <= 0 {
+		return
+	}
+	w.stderrMu.Lock()
+	if len(w.stderr) >= n {
+		copy(w.stderr, w.stderr[1:])
+		w.stderr = w.stderr[:n-1]
+	}
+	w.stderr = append(w.stderr, line)
+	w.stderrMu.Unlock()
+}
+
+// StderrTail returns a copy of the last lines the worker wrote to stderr.
+func (w *Worker) StderrTail() []string {
+	w.stderrMu.Lock()
+	defer w.stderrMu.Unlock()
+	return append([]string(nil), w.stderr...)
+}
+
+// wait reaps the process and fails what was in flight.
+func (w *Worker) wait() {
+	st, _ := w.cmd.Process.Wait()
+	// Give the output relays a moment to drain the last lines, which
+	// explain most crashes; a grandchild holding the pipes open must not
+	// delay the failure of the calls in flight.
+	// The same goes for frames still buffered in the socket (a fatal frame
+	// explaining a failed start); a forked grandchild may hold the socket
+	// open, so that wait is bounded too.
+	drained := make(chan struct{})
+	go func() { w.outputsWG.Wait(); <-w.readDone; close(drained) }()
+	t := time.NewTimer(drainWait)
+	select {
+	case <-drained:
+	case <-t.C:
+	}
+	t.Stop()
+	ee := &ExitError{Pool: w.spec.Pool, ID: w.spec.ID, Generation: w.spec.Generation, PID: w.pid, Code: -1}
+	if st != nil {
+		if ws, ok := st.Sys().(syscall.WaitStatus); ok {
+			if ws.Signaled() {
+				ee.Signal = ws.Signal()
+			} else {
+				ee.Code = ws.ExitStatus()
+			}
+		}
+	}
+	ee.StderrTail = w.StderrTail()
+	ee.Cause = classify(ee.Code, ee.Signal, ee.StderrTail, w.stopping.Load())
+	w.mu.Lock()
+	if w.exitErr == nil {
+		w.exitErr = ee
+	} else if pe, ok := w.exitErr.(*ExitError); ok {
+		// The cause was decided when the daemon killed it (protocol, hung).
+		pe.Code, pe.Signal, pe.StderrTail = ee.Code, ee.Signal, ee.StderrTail
+	}
+	w.closed = true
+	failed := w.pending
+	w.pending = make(map[uint64]*pending)
+	err := w.exitErr
+	w.mu.Unlock()
+	w.conn.Close()
+	w.state.Store(int32(StateExited))
+	// Kill what is left of the process group (grandchildren).
+	_ = syscall.Kill(-w.pid, syscall.SIGKILL)
+	for _, p := range failed {
+		p.ch <- reply{err: err}
+		w.release()
+	}
+	close(w.done)
+}
+
+func (w *Worker) release() {
+	if w.spec.OnRelease != nil {
+		w.spec.OnRelease(w)
+	}
+}
+
+// readLoop dispatches the frames the worker sends.
+func (w *Worker) readLoop() {
+	defer close(w.readDone)
+	fr := frameReader{r: bufio.NewReaderSize(w.conn, 64<<10), max: w.spec.MaxFrame}
+	helloSeen := false
+	for {
+		t, id, payload, err := fr.next()
+		if err != nil {
+			// A closed or reset socket means the process is gone or going;
+			// wait() reports how it ended. Only a frame that breaks the
+			// protocol is the worker's fault.
+			if errors.Is(err, errFrameTooLarge) {
+				w.fatal(CauseProtocol, err)
+			}
+			return
+		}
+		switch t {
+		case frameResult, frameError:
+			w.mu.Lock()
+			p := w.pending[id]
+			delete(w.pending, id)
+			w.mu.Unlock()
+			if p == nil {
+				continue // answered after the process was declared dead
+			}
+			if t == frameResult {
+				p.ch <- reply{payload: payload}
+			} else {
+				te := &ToolError{}
+				if jerr := json.Unmarshal(payload, te); jerr != nil {
+					te = &ToolError{Kind: KindInternal, Message: "undecodable error frame: " + jerr.Error()}
+				}
+				p.ch <- reply{err: te}
+			}
+			w.served.Add(1)
+			w.release()
+		case framePong:
+			w.lastPong.Store(time.Now().UnixNano())
+		case frameHello:
+			if helloSeen {
+				w.fatal(CauseProtocol, errors.New("second hello frame"))
+				return
+			}
+			helloSeen = true
+			if err := json.Unmarshal(payload, &w.hello); err != nil {
+				w.fatal(CauseProtocol, fmt.Errorf("bad hello: %w", err))
+				return
+			}
+			if w.hello.Protocol != ProtocolVersion {
+				w.fatal(CauseProtocol, fmt.Errorf("worker speaks protocol %d, daemon %d (mismatched runtime install?)", w.hello.Protocol, ProtocolVersion))
+				return
+			}
+			close(w.ready)
+		case frameFatal:
+			te := &ToolError{}
+			_ = json.Unmarshal(payload, te)
+			w.mu.Lock()
+			w.startErr = &StartError{Pool: w.spec.Pool, Adapter: w.spec.Adapter, Type: te.Type, Message: te.Message, Traceback: te.Traceback}
+			w.mu.Unlock()
+			// The worker exits on its own after a fatal frame.
+		default:
+			w.fatal(CauseProtocol, fmt.Errorf("unexpected %s frame", t))
+			return
+		}
+	}
+}
+
+// fatal kills a worker that broke the protocol or stopped answering.
+func (w *Worker) fatal(cause string, err error) {
+	w.log.Error().Err(err).Str("cause", cause).Msg("killing worker")
+	w.mu.Lock()
+	if w.exitErr == nil {
+		w.exitErr = &ExitError{Pool: w.spec.Pool, ID: w.spec.ID, Generation: w.spec.Generation, PID: w.pid, Code: -1, Signal: syscall.SIGKILL, Cause: cause}
+	}
+	w.closed = true
+	w.mu.Unlock()
+	w.Kill()
+}
+
+// Call sends one call to the worker and waits for its result, a Python error
+// (*ToolError), the worker's death (*ExitError) or ctx. When ctx ends first,
+// the call is cancelled in Python and Call returns ctx.Err() at once; the slot
+// is released (Spec.OnRelease) only when Python has given up the call.
+func (w *Worker) Call(ctx context.Context, c *Call) ([]byte, error) {
+	if len(c.Tool) > maxCallField || len(c.SessionID) > maxCallField || len(c.RequestID) > maxCallField || len(c.CorrelationID) > maxCallField {
+		w.release()
+		return nil, fmt.Errorf("tool name or id longer than %d bytes", maxCallField)
+	}
+	p := pendingPool.Get().(*pending)
+	w.mu.Lock()
+	if w.closed {
+		err := w.exitErr
+		w.mu.Unlock()
+		pendingPool.Put(p)
+		w.release()
+		if err == nil {
+			err = ErrNotReady
+		}
+		return nil, err
+	}
+	w.nextID++
+	id := w.nextID
+	w.pending[id] = p
+	w.mu.Unlock()
+
+	var ms uint32
+	if c.Timeout > 0 {
+		ms = uint32(min(int64(c.Timeout/time.Millisecond)+1, int64(^uint32(0))))
+	}
+	bp := bufPool.Get().(*[]byte)
+	buf := appendCall((*bp)[:0], id, c, ms)
+	if w.spec.MaxFrame > 0 && len(buf)-headerSize > w.spec.MaxFrame {
+		*bp = buf[:0]
+		bufPool.Put(bp)
+		w.forget(id)
+		pendingPool.Put(p)
+		w.release()
+		return nil, fmt.Errorf("call of %d bytes: %w (%d)", len(buf)-headerSize, errFrameTooLarge, w.spec.MaxFrame)
+	}
+	w.wmu.Lock()
+	_, err := w.conn.Write(buf)
+	w.wmu.Unlock()
+	if cap(buf) <= 64<<10 {
+		*bp = buf[:0]
+		bufPool.Put(bp)
+	}
+	if err != nil {
+		if w.forget(id) {
+			pendingPool.Put(p)
+			w.release()
+			return nil, fmt.Errorf("send call to worker %d generation %d: %w", w.spec.ID, w.spec.Generation, err)
+		}
+		// The process died and wait() answered the call already.
+		r := <-p.ch
+		pendingPool.Put(p)
+		return nil, r.err
+	}
+	select {
+	case r := <-p.ch:
+		pendingPool.Put(p)
+		return r.payload, r.err
+	case <-ctx.Done():
+		w.cancel(id)
+		return nil, ctx.Err()
+	}
+}
+
+// forget drops a pending call that was never answered; it reports whether the
+// call was still pending.
+func (w *Worker) forget(id uint64) bool {
+	w.mu.Lock()
+	_, ok := w.pending[id]
+	delete(w.pending, id)
+	w.mu.Unlock()
+	return ok
+}
+
+func (w *Worker) cancel(id uint64) {
+	var h [headerSize]byte
+	putHeader(h[:], frameCancel, id, 0)
+	w.wmu.Lock()
+	_, _ = w.conn.Write(h[:])
+	w.wmu.Unlock()
+}
+
+// Ping sends a heartbeat; the answer updates LastPong.
+func (w *Worker) Ping() error {
+	var h [headerSize]byte
+	putHeader(h[:], framePing, 0, 0)
+	w.wmu.Lock()
+	_, err := w.conn.Write(h[:])
+	w.wmu.Unlock()
+	return err
+}
+
+// LastPong returns when the worker last answered a heartbeat (its start time
+// before the first answer).
+func (w *Worker) LastPong() time.Time { return time.Unix(0, w.lastPong.Load()) }
+
+// Hang kills a worker that stopped answering heartbeats; its calls fail with
+// an *ExitError whose Cause is CauseHung.
+func (w *Worker) Hang(err error) { w.fatal(CauseHung, err) }
+
+// Stop asks the worker to exit by closing the protocol socket (Python exits
+// on end of file), then escalates: SIGTERM to its process group after grace,
+// SIGKILL after another grace. It returns when the process is gone. Calls in
+// flight fail with an *ExitError whose Cause is CauseStopped. Safe to call
+// more than once and concurrently.
+func (w *Worker) Stop(grace time.Duration) {
+	w.stopping.Store(true)
+	w.state.Store(int32(StateStopping))
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+	w.conn.Close()
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-w.done:
+		return
+	case <-t.C:
+	}
+	w.log.Warn().Dur("grace", grace).Msg("worker ignored close, sending SIGTERM")
+	_ = syscall.Kill(-w.pid, syscall.SIGTERM)
+	t.Reset(grace)
+	select {
+	case <-w.done:
+		return
+	case <-t.C:
+	}
+	w.log.Warn().Dur("grace", grace).Msg("worker ignored SIGTERM, sending SIGKILL")
+	w.Kill()
+	<-w.done
+}
+
+// Kill sends SIGKILL to the worker's whole process group.
+func (w *Worker) Kill() {
+	_ = syscall.Kill(-w.pid, syscall.SIGKILL)
+}
+
+// Done is closed once the process has exited and its calls were failed.
+func (w *Worker) Done() <-chan struct{} { return w.done }
+
+// Err returns how the process ended (an *ExitError), or nil while it runs.
+func (w *Worker) Err() error {
+	select {
+	case <-w.done:
+	default:
+		return nil
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.exitErr
+}
+
+// ID returns the worker's slot in its pool.
+func (w *Worker) ID() ID { return w.spec.ID }
+
+// Generation returns the worker's generation.
+func (w *Worker) Generation() Generation { return w.spec.Generation }
+
+// PID returns the process id.
+func (w *Worker) PID() int { return w.pid }
+
+// Capacity returns how many calls the worker runs at once.
+func (w *Worker) Capacity() int { return w.spec.Capacity }
+
+// Started returns when the process was spawned.
+func (w *Worker) Started() time.Time { return w.started }
+
+// Served returns how many calls the worker has answered.
+func (w *Worker) Served() uint64 { return w.served.Load() }
+
+// State returns the worker's state.
+func (w *Worker) State() State { return State(w.state.Load()) }
+
+// Hello returns the handshake (valid once Start returned).
+func (w *Worker) Hello() Hello { return w.hello }
