@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -156,10 +157,12 @@ type Worker struct {
 	cmd     *exec.Cmd
 	pid     int
 	started time.Time
-	conn    net.Conn
+	conn    net.Conn // calls and their results
+	ctl     net.Conn // heartbeats and cancellations
 	hello   Hello
 
-	wmu sync.Mutex // serialises writes to conn
+	wmu   sync.Mutex // serialises writes to conn
+	ctlMu sync.Mutex // serialises writes to ctl
 
 	mu      sync.Mutex
 	pending map[uint64]*pending
@@ -189,9 +192,9 @@ func Start(ctx context.Context, spec Spec) (*Worker, error) {
 		spec.Capacity = 1
 	}
 	w := &Worker{
-		spec:    spec,
-		log:     spec.Logger.With().Str("pool", spec.Pool).Uint64("worker_id", uint64(spec.ID)).Uint64("generation", uint64(spec.Generation)).Logger(),
-		pending: make(map[uint64]*pending),
+		spec:     spec,
+		log:      spec.Logger.With().Str("pool", spec.Pool).Uint64("worker_id", uint64(spec.ID)).Uint64("generation", uint64(spec.Generation)).Logger(),
+		pending:  make(map[uint64]*pending),
 		ready:    make(chan struct{}),
 		done:     make(chan struct{}),
 		readDone: make(chan struct{}),
@@ -228,35 +231,59 @@ func Start(ctx context.Context, spec Spec) (*Worker, error) {
 	}
 }
 
-func (w *Worker) spawn() error {
+// socketPair returns the daemon's end of a new socketpair as a net.Conn (on
+// Go's poller) and the child's end as a file to inherit.
+func socketPair(name string) (net.Conn, *os.File, error) {
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("socketpair: %w", err)
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
 	}
-	parent := os.NewFile(uintptr(fds[0]), "snakepit-worker")
-	child := os.NewFile(uintptr(fds[1]), "snakepit-worker-child")
-	defer child.Close()
+	parent := os.NewFile(uintptr(fds[0]), name)
+	child := os.NewFile(uintptr(fds[1]), name+"-child")
 	conn, err := net.FileConn(parent)
 	parent.Close()
 	if err != nil {
 		child.Close()
-		return fmt.Errorf("socket: %w", err)
+		return nil, nil, fmt.Errorf("socket: %w", err)
 	}
+	return conn, child, nil
+}
+
+func (w *Worker) spawn() (err error) {
+	var closers []io.Closer
+	defer func() {
+		if err != nil {
+			for _, c := range closers {
+				c.Close()
+			}
+		}
+	}()
+	conn, child, err := socketPair("snakepit-calls")
+	if err != nil {
+		return err
+	}
+	defer child.Close()
+	closers = append(closers, conn)
+	ctl, ctlChild, err := socketPair("snakepit-control")
+	if err != nil {
+		return err
+	}
+	defer ctlChild.Close()
+	closers = append(closers, ctl)
 	outR, outW, err := os.Pipe()
 	if err != nil {
-		conn.Close()
 		return err
 	}
+	defer outW.Close()
+	closers = append(closers, outR)
 	errR, errW, err := os.Pipe()
 	if err != nil {
-		conn.Close()
-		outR.Close()
-		outW.Close()
 		return err
 	}
+	defer errW.Close()
+	closers = append(closers, errR)
 	cmd := exec.Command(w.spec.Python, "-m", "snakepit._worker")
 	cmd.Env = append(w.spec.Env[:len(w.spec.Env):len(w.spec.Env)],
-		"SNAKEPIT_FD=3",
 		"SNAKEPIT_ADAPTER="+w.spec.Adapter,
 		fmt.Sprintf("SNAKEPIT_CAPACITY=%d", w.spec.Capacity),
 		fmt.Sprintf("SNAKEPIT_WORKER_ID=%d", w.spec.ID),
@@ -267,27 +294,23 @@ func (w *Worker) spawn() error {
 	cmd.Stdin = nil
 	cmd.Stdout = outW
 	cmd.Stderr = errW
-	cmd.ExtraFiles = []*os.File{child}
+	cmd.ExtraFiles = []*os.File{child, ctlChild}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	err = cmd.Start()
-	outW.Close()
-	errW.Close()
-	if err != nil {
-		conn.Close()
-		outR.Close()
-		errR.Close()
+	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", w.spec.Python, err)
 	}
 	w.cmd = cmd
 	w.pid = cmd.Process.Pid
 	w.started = time.Now()
 	w.conn = conn
+	w.ctl = ctl
 	w.lastPong.Store(w.started.UnixNano())
 	w.log = w.log.With().Int("pid", w.pid).Logger()
 	w.outputsWG.Add(2)
 	go w.relay(outR, "stdout")
 	go w.relay(errR, "stderr")
 	go w.readLoop()
+	go w.controlLoop()
 	go w.wait()
 	return nil
 }
@@ -375,6 +398,7 @@ func (w *Worker) wait() {
 	err := w.exitErr
 	w.mu.Unlock()
 	w.conn.Close()
+	w.ctl.Close()
 	w.state.Store(int32(StateExited))
 	// Kill what is left of the process group (grandchildren).
 	_ = syscall.Kill(-w.pid, syscall.SIGKILL)
@@ -427,8 +451,6 @@ func (w *Worker) readLoop() {
 			}
 			w.served.Add(1)
 			w.release()
-		case framePong:
-			w.lastPong.Store(time.Now().UnixNano())
 		case frameHello:
 			if helloSeen {
 				w.fatal(CauseProtocol, errors.New("second hello frame"))
@@ -455,6 +477,25 @@ func (w *Worker) readLoop() {
 			w.fatal(CauseProtocol, fmt.Errorf("unexpected %s frame", t))
 			return
 		}
+	}
+}
+
+// controlLoop reads heartbeat answers from the control socket.
+func (w *Worker) controlLoop() {
+	fr := frameReader{r: bufio.NewReaderSize(w.ctl, 512), max: 1 << 10}
+	for {
+		t, _, _, err := fr.next()
+		if err != nil {
+			if errors.Is(err, errFrameTooLarge) {
+				w.fatal(CauseProtocol, err)
+			}
+			return
+		}
+		if t != framePong {
+			w.fatal(CauseProtocol, fmt.Errorf("unexpected %s frame on the control socket", t))
+			return
+		}
+		w.lastPong.Store(time.Now().UnixNano())
 	}
 }
 
@@ -551,18 +592,18 @@ func (w *Worker) forget(id uint64) bool {
 func (w *Worker) cancel(id uint64) {
 	var h [headerSize]byte
 	putHeader(h[:], frameCancel, id, 0)
-	w.wmu.Lock()
-	_, _ = w.conn.Write(h[:])
-	w.wmu.Unlock()
+	w.ctlMu.Lock()
+	_, _ = w.ctl.Write(h[:])
+	w.ctlMu.Unlock()
 }
 
 // Ping sends a heartbeat; the answer updates LastPong.
 func (w *Worker) Ping() error {
 	var h [headerSize]byte
 	putHeader(h[:], framePing, 0, 0)
-	w.wmu.Lock()
-	_, err := w.conn.Write(h[:])
-	w.wmu.Unlock()
+	w.ctlMu.Lock()
+	_, err := w.ctl.Write(h[:])
+	w.ctlMu.Unlock()
 	return err
 }
 
@@ -586,6 +627,7 @@ func (w *Worker) Stop(grace time.Duration) {
 	w.closed = true
 	w.mu.Unlock()
 	w.conn.Close()
+	w.ctl.Close()
 	t := time.NewTimer(grace)
 	defer t.Stop()
 	select {

@@ -1,6 +1,8 @@
 """The worker side of snakepitd's framed protocol. Started by snakepitd as
-``python -m snakepit._worker`` with the protocol socket on fd 3; not meant to
-be run by hand.
+``python -m snakepit._worker`` with two inherited sockets: fd 3 carries calls
+and their results, fd 4 carries control frames (heartbeats, cancellation),
+read by a thread of its own so a busy worker still answers. Not meant to be
+run by hand.
 
 Frame: a 16-byte little-endian header (payload length u32, type u8, flags u8,
 reserved u16, request id u64) followed by the payload. The daemon's Go side
@@ -214,15 +216,21 @@ class Worker(object):
         self.inflight = {}
         self.local = threading.local()
 
-    def start_threads(self):
+    def start_threads(self, ctl):
+        threading.Thread(target=self.control, args=(ctl,), name="snakepit-control", daemon=True).start()
+        if self.capacity == 1:
+            return
         for i in range(self.capacity):
             t = threading.Thread(target=self._run_calls, name="snakepit-call-%d" % i, daemon=True)
             t.start()
 
     def serve(self):
-        """Read frames until the daemon closes its end."""
+        """Read calls until the daemon closes its end. With capacity 1 the
+        call runs on this thread (no hand-off on the hot path); otherwise
+        the calls go to the pool of call threads."""
         recv = self.conn.recv
-        send = self.conn.send
+        inline = self.capacity == 1
+        call = self._guarded_call
         put = self.calls.put
         while True:
             frame = recv()
@@ -230,27 +238,48 @@ class Worker(object):
                 return
             typ, rid, payload = frame
             if typ == T_CALL:
-                put((rid, payload))
-            elif typ == T_PING:
-                send(T_PONG, rid)
-            elif typ == T_CANCEL:
-                ctx = self.inflight.get(rid)
-                if ctx is not None:
-                    ctx._cancelled = True
+                if inline:
+                    call(rid, payload)
+                else:
+                    put((rid, payload))
             else:
-                sys.stderr.write("snakepit worker: unknown frame type %d\n" % typ)
+                sys.stderr.write("snakepit worker: unexpected frame type %d on the call socket\n" % typ)
+
+    def control(self, ctl):
+        """Answer heartbeats and take cancellations until the daemon closes
+        the control socket; runs on its own thread."""
+        try:
+            while True:
+                frame = ctl.recv()
+                if frame is None:
+                    break
+                typ, rid, _payload = frame
+                if typ == T_PING:
+                    ctl.send(T_PONG, rid)
+                elif typ == T_CANCEL:
+                    ctx = self.inflight.get(rid)
+                    if ctx is not None:
+                        ctx._cancelled = True
+                else:
+                    sys.stderr.write("snakepit worker: unexpected frame type %d on the control socket\n" % typ)
+        finally:
+            os._exit(0)
 
     def _run_calls(self):
         get = self.calls.get
+        call = self._guarded_call
         while True:
             rid, payload = get()
+            call(rid, payload)
+
+    def _guarded_call(self, rid, payload):
+        try:
+            self._call(rid, payload)
+        except BaseException:  # never lose a call: answer it
             try:
-                self._call(rid, payload)
-            except BaseException:  # never lose a call: answer it
-                try:
-                    self.conn.send(T_ERROR, rid, _error("internal", sys.exc_info()[1]))
-                except Exception:
-                    pass
+                self.conn.send(T_ERROR, rid, _error("internal", sys.exc_info()[1]))
+            except Exception:
+                pass
 
     def _call(self, rid, p):
         send = self.conn.send
@@ -320,8 +349,8 @@ class Worker(object):
 
 
 def main():
-    fd = int(os.environ.get("SNAKEPIT_FD", "3"))
-    conn = _Conn(fd)
+    conn = _Conn(3)
+    ctl = _Conn(4)
     adapter = os.environ.get("SNAKEPIT_ADAPTER", "")
     capacity = int(os.environ.get("SNAKEPIT_CAPACITY", "1"))
     try:
@@ -339,7 +368,7 @@ def main():
         "tools": [t.spec for t in tools.values()],
     }
     worker = Worker(conn, tools, max(1, capacity))
-    worker.start_threads()
+    worker.start_threads(ctl)
     conn.send(T_HELLO, 0, _encode(hello).encode("utf-8"))
     try:
         worker.serve()
