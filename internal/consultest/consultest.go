@@ -1,0 +1,331 @@
+// Package consultest starts a real Consul agent for tests: a single-node dev
+// server (in-memory, its own leader) on free loopback ports, one per test
+// that asks for it.
+//
+// The binary is found in this order: $SNAKEPIT_CONSUL, <repo>/.cache/bin/consul
+// (where scripts/install-consul.sh puts it), then consul on PATH. When none is
+// found the test is skipped with a message saying to run the script, unless
+// SNAKEPIT_REQUIRE_CONSUL=1 (set by make test and CI), which fails it instead.
+package consultest
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Environment variables read by this package.
+const (
+	// EnvBinary names the consul binary to use, overriding the search.
+	EnvBinary = "SNAKEPIT_CONSUL"
+	// EnvRequire set to "1" turns a missing binary into a test failure.
+	EnvRequire = "SNAKEPIT_REQUIRE_CONSUL"
+)
+
+// StartTimeout bounds how long Start and Restart wait for the agent to elect
+// itself leader and sync its node into the catalog.
+const StartTimeout = 60 * time.Second
+
+// Options adjust the agent that StartWith starts.
+type Options struct {
+	// ACL enables ACLs with default policy deny. The agent's management token
+	// is then in Agent.Token; requests without it (or with another token)
+	// get 403 from the agent.
+	ACL bool
+}
+
+// Agent is a running (or stopped) Consul dev agent owned by one test.
+// Its methods are safe for concurrent use.
+type Agent struct {
+	// Addr is the HTTP API address, "127.0.0.1:port". It stays the same
+	// across Stop and Restart.
+	Addr string
+	// Token is the ACL management token, "" unless Options.ACL.
+	Token string
+	// NodeName is the agent's node name in the catalog.
+	NodeName string
+
+	t       testing.TB
+	bin     string
+	args    []string
+	logPath string
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	done chan struct{} // closed when cmd has exited
+}
+
+// Binary returns the path of the consul binary to use, or an error saying how
+// to install one.
+func Binary() (string, error) {
+	if p := os.Getenv(EnvBinary); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("%s=%s: %w (unset it to use the binary that scripts/install-consul.sh caches)", EnvBinary, p, err)
+		}
+		return p, nil
+	}
+	if root, err := repoRoot(); err == nil {
+		p := filepath.Join(root, ".cache", "bin", "consul")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	if p, err := exec.LookPath("consul"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("no consul binary: run scripts/install-consul.sh (it caches one at .cache/bin/consul), or set " + EnvBinary)
+}
+
+// repoRoot walks up from the working directory (a package directory under
+// go test) to the directory holding go.mod.
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("go.mod not found above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// Start starts a Consul dev agent on free loopback ports and waits until it
+// is leader and its node is in the catalog. The agent is killed (with its
+// process group) when the test ends.
+func Start(t testing.TB) *Agent {
+	t.Helper()
+	return StartWith(t, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(t testing.TB, opts Options) *Agent {
+	t.Helper()
+	bin, err := Binary()
+	if err != nil {
+		if os.Getenv(EnvRequire) == "1" {
+			t.Fatalf("consultest: %v (%s=1)", err, EnvRequire)
+		}
+		t.Skipf("consultest: %v", err)
+	}
+	ports, err := freePorts(5)
+	if err != nil {
+		t.Fatalf("consultest: free ports: %v", err)
+	}
+	httpPort, serverPort, lanPort, wanPort := ports[0], ports[1], ports[2], ports[3]
+	dir := t.TempDir()
+	a := &Agent{
+		Addr:     net.JoinHostPort("127.0.0.1", strconv.Itoa(httpPort)),
+		NodeName: "consultest-" + strconv.Itoa(httpPort),
+		t:        t,
+		bin:      bin,
+		logPath:  filepath.Join(dir, "consul.log"),
+	}
+	a.args = []string{
+		"agent", "-dev",
+		"-node", a.NodeName,
+		"-bind", "127.0.0.1", "-client", "127.0.0.1",
+		"-http-port", strconv.Itoa(httpPort),
+		"-server-port", strconv.Itoa(serverPort),
+		"-serf-lan-port", strconv.Itoa(lanPort),
+		"-serf-wan-port", strconv.Itoa(wanPort),
+		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
+		"-log-level", "info",
+		"-hcl", "disable_update_check = true",
+	}
+	if opts.ACL {
+		a.Token = newUUID()
+		a.args = append(a.args, "-hcl", fmt.Sprintf(
+			`acl { enabled = true, default_policy = "deny", tokens { initial_management = %q, agent = %q } }`,
+			a.Token, a.Token))
+	}
+	t.Cleanup(a.Stop)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("consultest: agent log tail (%s):\n%s", a.logPath, a.logTail(40))
+		}
+	})
+	if err := a.start(); err != nil {
+		t.Fatalf("consultest: %v", err)
+	}
+	return a
+}
+
+// Stop kills the agent (SIGKILL to its process group, as a crash would) and
+// waits until it has exited. Being a dev agent it forgets everything: a later
+// Restart comes up empty, like an agent that lost its state. Stop on a
+// stopped agent does nothing.
+func (a *Agent) Stop() {
+	a.mu.Lock()
+	cmd, done := a.cmd, a.done
+	a.cmd = nil
+	a.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	<-done
+}
+
+// Restart stops the agent if it runs and starts it again on the same ports,
+// waiting as Start does. It fails the test if the agent does not come up.
+func (a *Agent) Restart() {
+	a.t.Helper()
+	a.Stop()
+	if err := a.start(); err != nil {
+		a.t.Fatalf("consultest: restart: %v", err)
+	}
+}
+
+func (a *Agent) start() error {
+	logf, err := os.OpenFile(a.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command(a.bin, a.args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", a.bin, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		close(done)
+	}()
+	a.mu.Lock()
+	a.cmd, a.done = cmd, done
+	a.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), StartTimeout)
+	defer cancel()
+	if err := a.waitReady(ctx, done); err != nil {
+		a.Stop()
+		return fmt.Errorf("agent on %s not ready: %w\n%s", a.Addr, err, a.logTail(30))
+	}
+	return nil
+}
+
+// waitReady polls the agent until it has a leader and its own node is in the
+// catalog (so services registered next are synced at once).
+func (a *Agent) waitReady(ctx context.Context, exited <-chan struct{}) error {
+	client := &http.Client{Timeout: 2 * time.Second}
+	leader := func() bool {
+		body, ok := a.get(ctx, client, "/v1/status/leader")
+		return ok && len(bytes.Trim(bytes.TrimSpace(body), `"`)) > 0
+	}
+	node := func() bool {
+		_, ok := a.get(ctx, client, "/v1/catalog/node/"+a.NodeName)
+		return ok
+	}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if leader() && node() {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-exited:
+			return errors.New("agent exited")
+		case <-tick.C:
+		}
+	}
+}
+
+func (a *Agent) get(ctx context.Context, c *http.Client, path string) ([]byte, bool) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.Addr+path, nil)
+	if err != nil {
+		return nil, false
+	}
+	if a.Token != "" {
+		req.Header.Set("X-Consul-Token", a.Token)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, false
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return nil, false
+	}
+	// The catalog answers "null" for a node it does not know yet.
+	if string(bytes.TrimSpace(body)) == "null" {
+		return nil, false
+	}
+	return body, true
+}
+
+func (a *Agent) logTail(n int) string {
+	b, err := os.ReadFile(a.logPath)
+	if err != nil {
+		return "(no log: " + err.Error() + ")"
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// freePorts returns n distinct loopback ports that are free for both TCP and
+// UDP right now (serf uses both on one port). The ports are released before
+// returning; another process could take one before the agent binds it, which
+// on a test machine is rare and shows as a start failure naming the port.
+func freePorts(n int) ([]int, error) {
+	var closers []io.Closer
+	defer func() {
+		for _, c := range closers {
+			c.Close()
+		}
+	}()
+	var ports []int
+	for tries := 0; len(ports) < n; tries++ {
+		if tries > 100 {
+			return nil, errors.New("no free TCP+UDP port pair after 100 tries")
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		closers = append(closers, l)
+		port := l.Addr().(*net.TCPAddr).Port
+		u, err := net.ListenPacket("udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue
+		}
+		closers = append(closers, u)
+		ports = append(ports, port)
+	}
+	return ports, nil
+}
+
+func newUUID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+}
