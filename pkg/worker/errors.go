@@ -150,6 +150,7 @@ const (
 	KindEncode      = "encode"       // the result is not JSON-encodable
 	KindUnknownTool = "unknown_tool" // the adapter has no such tool
 	KindCancelled   = "cancelled"    // the tool noticed the cancellation
+	KindTooLarge    = "too_large"    // the result is over the maximum size
 	KindInternal    = "internal"     // the runtime itself failed
 )
 

@@ -81,6 +81,9 @@ type Spec struct {
 	Dir string
 	// MaxFrame bounds the size of a frame in either direction.
 	MaxFrame int
+	// MaxResult bounds the JSON of a result; a bigger one fails the call
+	// with a ToolError of KindTooLarge, and the worker carries on.
+	MaxResult int
 	// StartTimeout bounds the time from spawn to handshake.
 	StartTimeout time.Duration
 	// StderrTail is how many of the last stderr lines are kept to explain a
@@ -289,6 +292,7 @@ func (w *Worker) spawn() (err error) {
 		fmt.Sprintf("SNAKEPIT_WORKER_ID=%d", w.spec.ID),
 		fmt.Sprintf("SNAKEPIT_WORKER_GENERATION=%d", w.spec.Generation),
 		"SNAKEPIT_POOL="+w.spec.Pool,
+		fmt.Sprintf("SNAKEPIT_MAX_RESULT=%d", w.spec.MaxResult),
 	)
 	cmd.Dir = w.spec.Dir
 	cmd.Stdin = nil

@@ -192,13 +192,17 @@ def load_adapter(spec):
     return tools
 
 
-def _error(kind, exc=None, message=None, with_traceback=True):
+def _error(kind, exc=None, message=None, with_traceback=True, skip_frames=0):
     body = {"kind": kind}
     if exc is not None:
         body["type"] = type(exc).__name__
         body["message"] = str(exc) if message is None else message
         if with_traceback:
-            body["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            tb = exc.__traceback__
+            for _ in range(skip_frames):
+                if tb is not None and tb.tb_next is not None:
+                    tb = tb.tb_next
+            body["traceback"] = "".join(traceback.format_exception(type(exc), exc, tb))
     else:
         body["message"] = message or ""
     try:
@@ -208,7 +212,8 @@ def _error(kind, exc=None, message=None, with_traceback=True):
 
 
 class Worker(object):
-    def __init__(self, conn, tools, capacity):
+    def __init__(self, conn, tools, capacity, max_result):
+        self.max_result = max_result
         self.conn = conn
         self.tools = tools
         self.capacity = capacity
@@ -319,7 +324,7 @@ class Worker(object):
                     # Raised while binding the arguments, not inside the tool.
                     send(T_ERROR, rid, _error("invalid_args", message="%s: %s" % (name, e)))
                     return
-                send(T_ERROR, rid, _error("exception", e))
+                send(T_ERROR, rid, _error("exception", e, skip_frames=1))
                 return
             except Cancelled as e:
                 send(T_ERROR, rid, _error("cancelled", e, with_traceback=False))
@@ -328,12 +333,16 @@ class Worker(object):
                 send(T_ERROR, rid, _error("exception", e, with_traceback=False))
                 return
             except Exception as e:
-                send(T_ERROR, rid, _error("exception", e))
+                # The first frame is this runtime's; the user's code follows.
+                send(T_ERROR, rid, _error("exception", e, skip_frames=1))
                 return
             try:
                 out = _encode(result).encode("utf-8")
             except (TypeError, ValueError) as e:
                 send(T_ERROR, rid, _error("encode", message="result of %s cannot be encoded as JSON: %s" % (name, e)))
+                return
+            if len(out) > self.max_result:
+                send(T_ERROR, rid, _error("too_large", message="result of %s is %d bytes of JSON, over the node's maximum of %d (max_message_bytes)" % (name, len(out), self.max_result)))
                 return
             send(T_RESULT, rid, out)
         finally:
@@ -367,7 +376,8 @@ def main():
         "python": "%d.%d.%d" % sys.version_info[:3],
         "tools": [t.spec for t in tools.values()],
     }
-    worker = Worker(conn, tools, max(1, capacity))
+    max_result = int(os.environ.get("SNAKEPIT_MAX_RESULT", "0")) or (1 << 62)
+    worker = Worker(conn, tools, max(1, capacity), max_result)
     worker.start_threads(ctl)
     conn.send(T_HELLO, 0, _encode(hello).encode("utf-8"))
     try:

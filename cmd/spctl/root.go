@@ -1,0 +1,105 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/snakepit/snakepit/pkg/client"
+)
+
+// globalOpts are the flags every command takes.
+type globalOpts struct {
+	addr    string
+	output  string
+	timeout time.Duration
+}
+
+// usageError marks errors in how spctl was called (exit status 2).
+type usageError struct{ error }
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	cmd := newRootCmd(ctx)
+	cmd.SetArgs(args)
+	cmd.SetOut(stdout)
+	cmd.SetErr(stderr)
+	err := cmd.Execute()
+	if err == nil {
+		return 0
+	}
+	fmt.Fprintln(stderr, "spctl: "+describe(err))
+	var ue usageError
+	if errors.As(err, &ue) {
+		return 2
+	}
+	return 1
+}
+
+func newRootCmd(ctx context.Context) *cobra.Command {
+	g := &globalOpts{}
+	cmd := &cobra.Command{
+		Use:           "spctl",
+		Short:         "Operate snakepit nodes",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			switch g.output {
+			case "table", "json":
+			default:
+				return usageError{fmt.Errorf("-o must be table or json (got %q)", g.output)}
+			}
+			return nil
+		},
+	}
+	cmd.SetContext(ctx)
+	pf := cmd.PersistentFlags()
+	pf.StringVar(&g.addr, "addr", "", fmt.Sprintf("node address host:port (default $%s, else %s)", client.EnvAddress, client.DefaultAddress))
+	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline of each call to the node")
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	cmd.AddCommand(newExecCmd(g), newToolsCmd(g), newStatusCmd(g))
+	return cmd
+}
+
+// dial connects to the node the flags name.
+func (g *globalOpts) dial() (*client.Conn, string, error) {
+	addr := client.Address(g.addr)
+	c, err := client.Dial(addr)
+	return c, addr, err
+}
+
+// describe renders an error from a node for a person: the status code, the
+// message, and the details that say what to do.
+func describe(err error) string {
+	st, ok := status.FromError(err)
+	if !ok {
+		return err.Error()
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: %s", st.Code(), st.Message())
+	for _, d := range st.Details() {
+		switch d := d.(type) {
+		case *errdetails.RetryInfo:
+			fmt.Fprintf(&b, "\n  retry after %s", d.GetRetryDelay().AsDuration())
+		case *errdetails.DebugInfo:
+			if len(d.GetStackEntries()) > 0 {
+				b.WriteString("\n  Python traceback:")
+				for _, l := range d.GetStackEntries() {
+					b.WriteString("\n    " + l)
+				}
+			}
+		}
+	}
+	if st.Code() == codes.Unavailable && strings.Contains(st.Message(), "connection refused") {
+		b.WriteString("\n  is snakepitd running there? Start one with `make run`, or point spctl at a node with --addr or $" + client.EnvAddress)
+	}
+	return b.String()
+}

@@ -1,0 +1,294 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/snakepit/snakepit/pkg/client"
+	"github.com/snakepit/snakepit/pkg/pyruntime"
+)
+
+// Defaults. Every default of the daemon lives here; the example config
+// (configs/snakepitd.yaml) and docs/configuration.md are checked against
+// these by tests.
+const (
+	// DefaultListen is the gRPC address a node serves on.
+	DefaultListen = client.DefaultAddress
+	// DefaultMaxMessageBytes bounds a request or response message, and a
+	// frame between the daemon and a worker.
+	DefaultMaxMessageBytes = 16 << 20
+	// DefaultShutdownGrace is how long a stopping node lets calls in flight
+	// finish before cancelling them.
+	DefaultShutdownGrace = 30 * time.Second
+	// DefaultStartConcurrency is how many workers a node starts at once.
+	DefaultStartConcurrency = 16
+
+	// DefaultPoolName is the name of the pool a node runs when its config
+	// names none, and of the pool a request without a pool goes to.
+	DefaultPoolName = "default"
+	// DefaultAdapter is the adapter of the default pool.
+	DefaultAdapter = pyruntime.ExampleAdapter
+	// DefaultPython is the interpreter workers run.
+	DefaultPython = "python3"
+	// DefaultPoolSize is the number of workers in a pool.
+	DefaultPoolSize = 2
+	// DefaultCapacity is how many calls one worker runs at once.
+	DefaultCapacity = 1
+	// DefaultQueueDepth is how many calls may wait for a worker in a pool.
+	DefaultQueueDepth = 1024
+	// DefaultQueueMaxWait is the longest a call waits for a worker.
+	DefaultQueueMaxWait = 30 * time.Second
+	// DefaultCallTimeout applies to calls that carry no deadline.
+	DefaultCallTimeout = 5 * time.Minute
+	// DefaultStartTimeout bounds a worker's start: spawn, import, setup.
+	DefaultStartTimeout = 60 * time.Second
+	// DefaultStopGrace is how long a worker gets at each step of stopping
+	// (close, then SIGTERM, then SIGKILL).
+	DefaultStopGrace = 5 * time.Second
+	// DefaultStderrTail is how many stderr lines of a worker are kept to
+	// explain its crash.
+	DefaultStderrTail = 20
+)
+
+// Config is the configuration of a node. DefaultConfig returns it filled
+// with the defaults above; cmd/snakepitd overlays the config file, the
+// environment and flags.
+type Config struct {
+	// NodeID names the node in its cluster; it must be unique and stable
+	// across restarts. Empty means the host name.
+	NodeID string `mapstructure:"node_id"`
+	// Listen is the gRPC address (host:port).
+	Listen string `mapstructure:"listen"`
+	// StateDir holds what survives a restart: the Python runtime copy and
+	// the record of running workers. Empty means DefaultStateDir().
+	StateDir string `mapstructure:"state_dir"`
+	// MaxMessageBytes bounds request and response messages.
+	MaxMessageBytes int `mapstructure:"max_message_bytes"`
+	// ShutdownGrace bounds how long calls in flight may run on stop.
+	ShutdownGrace time.Duration `mapstructure:"shutdown_grace"`
+	// StartConcurrency bounds how many workers start at once.
+	StartConcurrency int `mapstructure:"start_concurrency"`
+	// Pools are the worker pools; the first one is the default pool. Empty
+	// means one pool named DefaultPoolName serving DefaultAdapter.
+	Pools []PoolConfig `mapstructure:"pools"`
+}
+
+// PoolConfig configures one pool of identical workers.
+type PoolConfig struct {
+	// Name identifies the pool in requests.
+	Name string `mapstructure:"name"`
+	// Adapter is the user's Python code: "module", "module:Class",
+	// "path/to/file.py" or "path/to/file.py:Class".
+	Adapter string `mapstructure:"adapter"`
+	// Python is the interpreter (a virtualenv's bin/python selects it).
+	Python string `mapstructure:"python"`
+	// PythonPath lists extra directories to import the adapter from.
+	PythonPath []string `mapstructure:"python_path"`
+	// Dir is the workers' working directory; empty means the daemon's.
+	Dir string `mapstructure:"dir"`
+	// Env adds environment variables to the workers.
+	Env map[string]string `mapstructure:"env"`
+	// Size is the number of workers.
+	Size int `mapstructure:"size"`
+	// Capacity is how many calls one worker runs at once (threads).
+	Capacity int `mapstructure:"capacity"`
+	// QueueDepth is how many calls may wait for a free worker; a call past
+	// it is refused at once with RESOURCE_EXHAUSTED.
+	QueueDepth int `mapstructure:"queue_depth"`
+	// QueueMaxWait is the longest a call waits for a worker before it is
+	// refused with RESOURCE_EXHAUSTED (not executed).
+	QueueMaxWait time.Duration `mapstructure:"queue_max_wait"`
+	// CallTimeout is the deadline of calls that carry none.
+	CallTimeout time.Duration `mapstructure:"call_timeout"`
+	// StartTimeout bounds one worker's start.
+	StartTimeout time.Duration `mapstructure:"start_timeout"`
+	// StopGrace is the time a worker gets at each step of stopping.
+	StopGrace time.Duration `mapstructure:"stop_grace"`
+}
+
+// DefaultConfig returns the configuration a node runs with when nothing is
+// configured: a standalone node with one pool of the example adapter.
+func DefaultConfig() Config {
+	return Config{
+		Listen:           DefaultListen,
+		MaxMessageBytes:  DefaultMaxMessageBytes,
+		ShutdownGrace:    DefaultShutdownGrace,
+		StartConcurrency: DefaultStartConcurrency,
+	}
+}
+
+// DefaultPool returns a pool config with every default filled in.
+func DefaultPool(name, adapter string) PoolConfig {
+	return PoolConfig{
+		Name:         name,
+		Adapter:      adapter,
+		Python:       DefaultPython,
+		Size:         DefaultPoolSize,
+		Capacity:     DefaultCapacity,
+		QueueDepth:   DefaultQueueDepth,
+		QueueMaxWait: DefaultQueueMaxWait,
+		CallTimeout:  DefaultCallTimeout,
+		StartTimeout: DefaultStartTimeout,
+		StopGrace:    DefaultStopGrace,
+	}
+}
+
+// DefaultStateDir is where a node keeps its state when none is configured:
+// $STATE_DIRECTORY (set by systemd's StateDirectory=), else
+// $XDG_STATE_HOME/snakepitd, else ~/.local/state/snakepitd.
+func DefaultStateDir() string {
+	if d := os.Getenv("STATE_DIRECTORY"); d != "" {
+		return strings.Split(d, ":")[0]
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "snakepitd")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "state", "snakepitd")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("snakepitd-%d", os.Getuid()))
+}
+
+// withDefaults returns the config with empty values replaced by defaults.
+// Zero means "the default" for every numeric key.
+func (c Config) withDefaults() Config {
+	d := DefaultConfig()
+	if c.NodeID == "" {
+		if h, err := os.Hostname(); err == nil {
+			c.NodeID = h
+		}
+	}
+	if c.Listen == "" {
+		c.Listen = d.Listen
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir()
+	}
+	if c.MaxMessageBytes == 0 {
+		c.MaxMessageBytes = d.MaxMessageBytes
+	}
+	if c.ShutdownGrace == 0 {
+		c.ShutdownGrace = d.ShutdownGrace
+	}
+	if c.StartConcurrency == 0 {
+		c.StartConcurrency = min(d.StartConcurrency, 4*runtime.NumCPU())
+	}
+	if len(c.Pools) == 0 {
+		c.Pools = []PoolConfig{{Name: DefaultPoolName, Adapter: DefaultAdapter}}
+	}
+	pools := make([]PoolConfig, len(c.Pools))
+	for i, p := range c.Pools {
+		pools[i] = p.withDefaults()
+	}
+	c.Pools = pools
+	return c
+}
+
+func (p PoolConfig) withDefaults() PoolConfig {
+	d := DefaultPool(p.Name, p.Adapter)
+	if p.Python == "" {
+		p.Python = d.Python
+	}
+	if p.Size == 0 {
+		p.Size = d.Size
+	}
+	if p.Capacity == 0 {
+		p.Capacity = d.Capacity
+	}
+	if p.QueueDepth == 0 {
+		p.QueueDepth = d.QueueDepth
+	}
+	if p.QueueMaxWait == 0 {
+		p.QueueMaxWait = d.QueueMaxWait
+	}
+	if p.CallTimeout == 0 {
+		p.CallTimeout = d.CallTimeout
+	}
+	if p.StartTimeout == 0 {
+		p.StartTimeout = d.StartTimeout
+	}
+	if p.StopGrace == 0 {
+		p.StopGrace = d.StopGrace
+	}
+	return p
+}
+
+var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+
+// Validate reports every problem of the config, each naming its key and
+// the bad value. It checks the config as given, after defaults are applied.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if !namePattern.MatchString(c.NodeID) {
+		bad("node_id must be 1-63 letters, digits, '_', '.' or '-' (got %q)", c.NodeID)
+	}
+	if _, port, err := splitHostPort(c.Listen); err != nil {
+		bad("listen must be host:port (got %q): %v", c.Listen, err)
+	} else if port == "" {
+		bad("listen must include a port (got %q)", c.Listen)
+	}
+	if c.MaxMessageBytes < 1024 {
+		bad("max_message_bytes must be at least 1024 (got %d)", c.MaxMessageBytes)
+	}
+	if c.ShutdownGrace < 0 {
+		bad("shutdown_grace must not be negative (got %s)", c.ShutdownGrace)
+	}
+	if c.StartConcurrency < 0 {
+		bad("start_concurrency must be >0 (got %d)", c.StartConcurrency)
+	}
+	seen := map[string]bool{}
+	for i, p := range c.Pools {
+		key := fmt.Sprintf("pools[%d]", i)
+		if !namePattern.MatchString(p.Name) {
+			bad("%s.name must be 1-63 letters, digits, '_', '.' or '-' (got %q)", key, p.Name)
+		} else if seen[p.Name] {
+			bad("%s.name %q is used by another pool", key, p.Name)
+		}
+		seen[p.Name] = true
+		if p.Name != "" {
+			key = fmt.Sprintf("pools[%s]", p.Name)
+		}
+		if strings.TrimSpace(p.Adapter) == "" {
+			bad("%s.adapter must name a Python module or file (got %q)", key, p.Adapter)
+		}
+		if p.Size < 1 {
+			bad("%s.size must be >0 (got %d)", key, p.Size)
+		}
+		if p.Capacity < 1 {
+			bad("%s.capacity must be >0 (got %d)", key, p.Capacity)
+		}
+		if p.QueueDepth < 0 {
+			bad("%s.queue_depth must not be negative (got %d)", key, p.QueueDepth)
+		}
+		for _, d := range []struct {
+			name string
+			v    time.Duration
+		}{{"queue_max_wait", p.QueueMaxWait}, {"call_timeout", p.CallTimeout}, {"start_timeout", p.StartTimeout}, {"stop_grace", p.StopGrace}} {
+			if d.v < 0 {
+				bad("%s.%s must not be negative (got %s)", key, d.name, d.v)
+			}
+		}
+		for k := range p.Env {
+			if k == "" || strings.ContainsAny(k, "=\x00") {
+				bad("%s.env has an invalid variable name %q", key, k)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func splitHostPort(addr string) (string, string, error) {
+	i := strings.LastIndexByte(addr, ':')
+	if i < 0 {
+		return "", "", errors.New("missing port")
+	}
+	return addr[:i], addr[i+1:], nil
+}

@@ -1,0 +1,131 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/rs/zerolog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
+)
+
+// Hooks let the caller of Serve follow the daemon's lifecycle (cmd/snakepitd
+// tells systemd).
+type Hooks struct {
+	// Listening is called with the bound address before workers start.
+	Listening func(addr net.Addr)
+	// Ready is called once every pool is ready and health says SERVING.
+	Ready func()
+	// Stopping is called when shutdown begins.
+	Stopping func()
+}
+
+// Serve runs a node until ctx is done, then shuts it down in order:
+//
+//  1. gRPC health turns NOT_SERVING, so peers and load balancers stop
+//     sending calls;
+//  2. the server stops accepting calls and lets those in flight and queued
+//     finish, for at most cfg.ShutdownGrace;
+//  3. calls still running then are cancelled (in Python too);
+//  4. every worker is stopped: its sockets are closed, then its process
+//     group gets SIGTERM, then SIGKILL, each after the pool's stop_grace.
+//
+// Serve returns nil after a clean stop, and an error when the node could not
+// start (a bad config, a port in use, an adapter that does not load).
+func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) error {
+	n, err := New(cfg, log)
+	if err != nil {
+		return err
+	}
+	cfg = n.Config()
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s (listen): %w", cfg.Listen, err)
+	}
+	if hooks.Listening != nil {
+		hooks.Listening(lis.Addr())
+	}
+	srv := grpc.NewServer(
+		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
+		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+		grpc.ChainUnaryInterceptor(recoverUnary(n.log)),
+		grpc.ChainStreamInterceptor(recoverStream(n.log)),
+	)
+	snakepitv1.RegisterSnakepitServer(srv, &service{node: n})
+	hs := health.NewServer()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	hs.SetServingStatus(snakepitv1.Snakepit_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
+	healthpb.RegisterHealthServer(srv, hs)
+	reflection.Register(srv)
+
+	log = n.log
+	nodeCtx, stopNode := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopNode()
+	nodeErr := make(chan error, 1)
+	go func() { nodeErr <- n.Run(nodeCtx) }()
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(lis) }()
+	log.Info().Str("listen", lis.Addr().String()).Str("node_id", cfg.NodeID).Str("version", Version).Msg("serving")
+
+	setServing := func(s healthpb.HealthCheckResponse_ServingStatus) {
+		hs.SetServingStatus("", s)
+		hs.SetServingStatus(snakepitv1.Snakepit_ServiceDesc.ServiceName, s)
+	}
+	var runErr error
+	select {
+	case <-n.Ready():
+		setServing(healthpb.HealthCheckResponse_SERVING)
+		if hooks.Ready != nil {
+			hooks.Ready()
+		}
+		select {
+		case <-ctx.Done():
+		case runErr = <-nodeErr:
+			nodeErr <- runErr
+		case runErr = <-serveErr:
+		}
+	case <-ctx.Done():
+	case runErr = <-nodeErr:
+		nodeErr <- runErr
+	case runErr = <-serveErr:
+	}
+
+	// Shutdown, in the order documented above.
+	if hooks.Stopping != nil {
+		hooks.Stopping()
+	}
+	log.Info().Dur("grace", cfg.ShutdownGrace).Msg("stopping")
+	hs.Shutdown()
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	t := time.NewTimer(cfg.ShutdownGrace)
+	select {
+	case <-stopped:
+	case <-t.C:
+		log.Warn().Dur("grace", cfg.ShutdownGrace).Msg("calls still running after shutdown_grace; cancelling them")
+		srv.Stop()
+		<-stopped
+	}
+	t.Stop()
+	stopNode()
+	nerr := <-nodeErr
+	if runErr != nil && !errors.Is(runErr, grpc.ErrServerStopped) {
+		if errors.Is(runErr, nerr) || nerr == nil {
+			return runErr
+		}
+		return errors.Join(runErr, nerr)
+	}
+	if nerr == nil {
+		log.Info().Msg("stopped")
+	}
+	return nerr
+}

@@ -1,0 +1,131 @@
+package agent
+
+import (
+	"context"
+	"runtime/debug"
+
+	"github.com/rs/zerolog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
+)
+
+// service implements snakepit.v1.Snakepit on a Node.
+type service struct {
+	snakepitv1.UnimplementedSnakepitServer
+	node *Node
+}
+
+func (s *service) Execute(ctx context.Context, in *snakepitv1.ExecuteRequest) (*snakepitv1.ExecuteResponse, error) {
+	res, err := s.node.Execute(ctx, &Request{
+		Tool:       in.GetTool(),
+		Pool:       in.GetPool(),
+		Args:       in.GetArgs(),
+		SessionID:  in.GetSessionId(),
+		RequestID:  in.GetRequestId(),
+		Idempotent: in.GetIdempotent(),
+	})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &snakepitv1.ExecuteResponse{
+		Result: res.Payload,
+		RanOn: &snakepitv1.Placement{
+			NodeId:           res.Node,
+			Pool:             res.Pool,
+			WorkerId:         uint64(res.WorkerID),
+			WorkerGeneration: uint64(res.Generation),
+		},
+		Queued:    durationpb.New(res.Queued),
+		Ran:       durationpb.New(res.Ran),
+		RequestId: res.RequestID,
+	}, nil
+}
+
+func (s *service) ListTools(_ context.Context, in *snakepitv1.ListToolsRequest) (*snakepitv1.ListToolsResponse, error) {
+	byPool, err := s.node.Tools(in.GetPool())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	out := &snakepitv1.ListToolsResponse{}
+	for _, pool := range s.node.PoolNames() {
+		for _, t := range byPool[pool] {
+			pt := &snakepitv1.Tool{Pool: pool, Name: t.Name, Doc: t.Doc, Streaming: t.Streaming}
+			for _, p := range t.Parameters {
+				pt.Parameters = append(pt.Parameters, &snakepitv1.Parameter{Name: p.Name, Type: p.Type, Required: p.Required, DefaultJson: p.DefaultJSON})
+			}
+			out.Tools = append(out.Tools, pt)
+		}
+	}
+	return out, nil
+}
+
+func (s *service) Status(context.Context, *snakepitv1.StatusRequest) (*snakepitv1.StatusResponse, error) {
+	st := s.node.Status()
+	out := &snakepitv1.StatusResponse{NodeId: st.NodeID, Version: st.Version, Started: timestamppb.New(st.Started)}
+	for _, p := range st.Pools {
+		ps := &snakepitv1.PoolStatus{
+			Name: p.Name, State: poolStateProto(p.State), Reason: p.Reason, Adapter: p.Adapter,
+			Size: uint32(p.Size), CapacityPerWorker: uint32(p.Capacity), ReadyWorkers: uint32(p.Ready),
+			Busy: uint32(p.Busy), Queued: uint32(p.Queued), QueueDepth: uint32(p.QueueDepth),
+			Served: p.Served, Errors: p.Errors, Rejected: p.Rejected,
+			Latency: &snakepitv1.Latency{P50: durationpb.New(p.P50), P90: durationpb.New(p.P90), P99: durationpb.New(p.P99), Max: durationpb.New(p.Max)},
+		}
+		for _, w := range p.Workers {
+			ws := &snakepitv1.WorkerStatus{Id: uint64(w.ID), Generation: uint64(w.Generation), Pid: int32(w.PID), State: w.State,
+				InFlight: uint32(w.InFlight), Capacity: uint32(w.Capacity), Served: w.Served}
+			if !w.Started.IsZero() {
+				ws.Started = timestamppb.New(w.Started)
+			}
+			ps.Workers = append(ps.Workers, ws)
+		}
+		out.Pools = append(out.Pools, ps)
+	}
+	return out, nil
+}
+
+func poolStateProto(s PoolState) snakepitv1.PoolState {
+	switch s {
+	case PoolStarting:
+		return snakepitv1.PoolState_POOL_STATE_STARTING
+	case PoolReady:
+		return snakepitv1.PoolState_POOL_STATE_READY
+	case PoolDegraded:
+		return snakepitv1.PoolState_POOL_STATE_DEGRADED
+	case PoolFailed:
+		return snakepitv1.PoolState_POOL_STATE_FAILED
+	case PoolStopping:
+		return snakepitv1.PoolState_POOL_STATE_STOPPING
+	}
+	return snakepitv1.PoolState_POOL_STATE_UNSPECIFIED
+}
+
+// recoverUnary turns a panic in a handler into INTERNAL instead of a crash
+// of the daemon, and logs it with its stack.
+func recoverUnary(log zerolog.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				log.Error().Str("method", info.FullMethod).Interface("panic", r).Str("stack", string(debug.Stack())).Msg("handler panicked")
+				err = status.Errorf(codes.Internal, "internal error in %s (logged on the node)", info.FullMethod)
+			}
+		}()
+		return handler(ctx, req)
+	}
+}
+
+func recoverStream(log zerolog.Logger) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				log.Error().Str("method", info.FullMethod).Interface("panic", r).Str("stack", string(debug.Stack())).Msg("handler panicked")
+				err = status.Errorf(codes.Internal, "internal error in %s (logged on the node)", info.FullMethod)
+			}
+		}()
+		return handler(srv, ss)
+	}
+}

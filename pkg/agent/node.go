@@ -1,0 +1,377 @@
+// Package agent is the node: it runs the pools of Python workers of one host,
+// admits and queues calls, serves the gRPC API, and shuts down in order.
+// cmd/snakepitd only turns configuration into a Config and calls Serve.
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/snakepit/snakepit/pkg/pyruntime"
+	"github.com/snakepit/snakepit/pkg/worker"
+)
+
+// Version is the daemon's version, stamped at build time.
+var Version = "dev"
+
+// Request is one call of a tool, as the node sees it.
+type Request struct {
+	Tool string
+	// Pool is empty for the default pool.
+	Pool string
+	// Args is a JSON object, passed to Python untouched; empty means {}.
+	Args          []byte
+	SessionID     string
+	RequestID     string
+	CorrelationID string
+	Idempotent    bool
+}
+
+// Result is the outcome of a successful call.
+type Result struct {
+	Payload    []byte
+	Node       string
+	Pool       string
+	WorkerID   worker.ID
+	Generation worker.Generation
+	Queued     time.Duration
+	Ran        time.Duration
+	RequestID  string
+}
+
+// Node runs the pools of one host. Create it with New, start it with Run.
+type Node struct {
+	cfg      Config
+	log      zerolog.Logger
+	pools    map[string]*Pool
+	order    []string
+	started  time.Time
+	gens     *generations
+	reqSeq   atomic.Uint64
+	reqBase  string
+	startSem semaphore
+	stopping atomic.Bool
+	ready    chan struct{}
+}
+
+// New checks cfg and builds a node. It does no I/O and starts nothing.
+func New(cfg Config, log zerolog.Logger) (*Node, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	n := &Node{
+		cfg:      cfg,
+		log:      log.With().Str("component", "agent").Logger(),
+		pools:    make(map[string]*Pool, len(cfg.Pools)),
+		startSem: newSemaphore(cfg.StartConcurrency),
+		ready:    make(chan struct{}),
+	}
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	n.reqBase = hex.EncodeToString(b[:]) + "-"
+	for _, pc := range cfg.Pools {
+		n.pools[pc.Name] = newPool(n, pc)
+		n.order = append(n.order, pc.Name)
+	}
+	return n, nil
+}
+
+// Config returns the node's configuration with defaults applied.
+func (n *Node) Config() Config { return n.cfg }
+
+// ID returns the node's id.
+func (n *Node) ID() string { return n.cfg.NodeID }
+
+// Ready is closed once every pool has all its workers ready.
+func (n *Node) Ready() <-chan struct{} { return n.ready }
+
+// Run starts the pools and supervises them until ctx is done; then it stops
+// every worker (closing its sockets, then SIGTERM, then SIGKILL to its
+// process group) and returns once all are gone. It returns an error at once
+// when a pool fails to start (its adapter does not load); that error carries
+// the Python traceback. Cancellation is not an error.
+func (n *Node) Run(ctx context.Context) error {
+	n.started = time.Now()
+	if err := os.MkdirAll(n.cfg.StateDir, 0o755); err != nil {
+		return fmt.Errorf("state_dir: %w", err)
+	}
+	gens, err := openGenerations(filepath.Join(n.cfg.StateDir, "generation"))
+	if err != nil {
+		return err
+	}
+	n.gens = gens
+	rt, err := pyruntime.Install(filepath.Join(n.cfg.StateDir, "runtime"))
+	if err != nil {
+		return err
+	}
+	for _, name := range n.order {
+		n.pools[name].env = n.pools[name].environment(rt)
+	}
+	poolCtx, stopPools := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopPools()
+	var wg sync.WaitGroup
+	for _, name := range n.order {
+		p := n.pools[name]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.run(poolCtx)
+		}()
+	}
+	startErr := make(chan error, 1)
+	go func() {
+		for _, name := range n.order {
+			if err := n.pools[name].waitReady(poolCtx); err != nil {
+				startErr <- err
+				return
+			}
+		}
+		close(n.ready)
+		n.log.Info().Dur("took", time.Since(n.started)).Msg("node ready")
+	}()
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-startErr:
+	}
+	n.stopping.Store(true)
+	for _, p := range n.pools {
+		p.setStopping()
+	}
+	stopPools()
+	wg.Wait()
+	return err
+}
+
+// generations hands out worker generations that are never reused, across
+// restarts too: the state directory records a reservation, renewed a block
+// at a time, and a restarted daemon starts above the last reservation.
+type generations struct {
+	mu       sync.Mutex
+	path     string
+	next     uint64
+	reserved uint64 // generations below this may have been handed out
+}
+
+// generationBlock is how many generations one write to disk reserves.
+const generationBlock = 1024
+
+func openGenerations(path string) (*generations, error) {
+	g := &generations{path: path, next: 1}
+	if b, err := os.ReadFile(path); err == nil {
+		v, perr := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+		if perr != nil {
+			return nil, fmt.Errorf("state file %s is corrupt (%v): remove it to start generations afresh", path, perr)
+		}
+		g.next = v
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	g.reserved = g.next
+	return g, nil
+}
+
+func (g *generations) take() (worker.Generation, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.next >= g.reserved {
+		r := g.next + generationBlock
+		if err := writeFileAtomic(g.path, []byte(strconv.FormatUint(r, 10)+"\n")); err != nil {
+			return 0, fmt.Errorf("reserve worker generations: %w", err)
+		}
+		g.reserved = r
+	}
+	v := g.next
+	g.next++
+	return worker.Generation(v), nil
+}
+
+// writeFileAtomic writes a file by renaming a synced temporary file over it.
+func writeFileAtomic(path string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}
+
+func (n *Node) nextGeneration() (worker.Generation, error) {
+	return n.gens.take()
+}
+
+func (n *Node) pool(name string) (*Pool, error) {
+	if name == "" {
+		name = n.order[0]
+	}
+	p, ok := n.pools[name]
+	if !ok {
+		return nil, &UnknownPoolError{Pool: name, Known: slices.Clone(n.order)}
+	}
+	return p, nil
+}
+
+// Execute runs one call on this node. The call's deadline is ctx's, or the
+// pool's call_timeout when ctx has none; time spent queued is subtracted
+// before the worker gets the call. When ctx is cancelled (the client went
+// away), the call is cancelled in Python.
+func (n *Node) Execute(ctx context.Context, req *Request) (*Result, error) {
+	arrived := time.Now()
+	if req.Tool == "" {
+		return nil, &InvalidArgumentError{Field: "tool", Reason: "must name a tool (see ListTools)"}
+	}
+	p, err := n.pool(req.Pool)
+	if err != nil {
+		return nil, err
+	}
+	if err := validateArgs(req.Args); err != nil {
+		return nil, err
+	}
+	if n.stopping.Load() {
+		return nil, ErrShuttingDown
+	}
+	if req.RequestID == "" {
+		req.RequestID = n.reqBase + strconv.FormatUint(n.reqSeq.Add(1), 10)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, p.cfg.CallTimeout)
+		defer cancel()
+	}
+	res, err := p.execute(ctx, req, arrived)
+	if res != nil {
+		res.RequestID = req.RequestID
+	}
+	return res, err
+}
+
+// validateArgs checks that args is a JSON object without decoding it.
+func validateArgs(args []byte) error {
+	if len(args) == 0 {
+		return nil
+	}
+	i := 0
+	for i < len(args) && (args[i] == ' ' || args[i] == '\t' || args[i] == '\n' || args[i] == '\r') {
+		i++
+	}
+	if i == len(args) || args[i] != '{' {
+		return &InvalidArgumentError{Field: "args", Reason: "must be a JSON object (like {\"x\": 1}), got " + describeJSON(args)}
+	}
+	if !json.Valid(args) {
+		return &InvalidArgumentError{Field: "args", Reason: "is not valid JSON"}
+	}
+	return nil
+}
+
+func describeJSON(b []byte) string {
+	if !json.Valid(b) {
+		return "something that is not JSON"
+	}
+	var v any
+	_ = json.Unmarshal(b, &v)
+	switch v.(type) {
+	case []any:
+		return "an array"
+	case string:
+		return "a string"
+	case float64:
+		return "a number"
+	case bool:
+		return "a boolean"
+	case nil:
+		return "null"
+	}
+	return "a non-object"
+}
+
+// Tools lists the tools of one pool, or of all pools when pool is empty.
+func (n *Node) Tools(pool string) (map[string][]worker.Tool, error) {
+	out := map[string][]worker.Tool{}
+	if pool != "" {
+		p, err := n.pool(pool)
+		if err != nil {
+			return nil, err
+		}
+		out[p.cfg.Name] = p.status().Tools
+		return out, nil
+	}
+	for _, name := range n.order {
+		out[name] = n.pools[name].status().Tools
+	}
+	return out, nil
+}
+
+// Status is a snapshot of the node.
+type Status struct {
+	NodeID  string
+	Version string
+	Started time.Time
+	Pools   []PoolStatus
+}
+
+// Status returns a snapshot of the node and its pools.
+func (n *Node) Status() Status {
+	st := Status{NodeID: n.cfg.NodeID, Version: Version, Started: n.started}
+	for _, name := range n.order {
+		st.Pools = append(st.Pools, n.pools[name].status())
+	}
+	return st
+}
+
+// PoolNames returns the node's pools, the default one first.
+func (n *Node) PoolNames() []string { return slices.Clone(n.order) }
+
+// Healthy reports whether every pool can serve calls.
+func (n *Node) Healthy() bool {
+	for _, p := range n.pools {
+		p.mu.Lock()
+		ok := len(p.ready) > 0 && (p.state == PoolReady || p.state == PoolDegraded)
+		p.mu.Unlock()
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// semaphore bounds concurrent worker starts.
+type semaphore chan struct{}
+
+func newSemaphore(n int) semaphore { return make(semaphore, max(n, 1)) }
+
+func (s semaphore) acquire(ctx context.Context) error {
+	select {
+	case s <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s semaphore) release() { <-s }
