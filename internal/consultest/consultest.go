@@ -6,6 +6,7 @@
 // (where scripts/install-consul.sh puts it), then consul on PATH. When none is
 // found the test is skipped with a message saying to run the script, unless
 // SNAKEPIT_REQUIRE_CONSUL=1 (set by make test and CI), which fails it instead.
+// Under -short every test that asks for an agent is skipped.
 package consultest
 
 import (
@@ -120,6 +121,9 @@ func Start(t testing.TB) *Agent {
 // StartWith is Start with options.
 func StartWith(t testing.TB, opts Options) *Agent {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("consultest: needs a Consul agent; skipped under -short")
+	}
 	bin, err := Binary()
 	if err != nil {
 		if os.Getenv(EnvRequire) == "1" {

@@ -41,6 +41,8 @@ func testLogger(t testing.TB) (zerolog.Logger, *syncBuffer) {
 	return zerolog.New(zerolog.MultiLevelWriter(buf, zerolog.NewTestWriter(t))).Level(zerolog.DebugLevel), buf
 }
 
+func testLoggerNop() zerolog.Logger { return zerolog.Nop() }
+
 func testNode(id string, port int) Node {
 	return Node{
 		ID:          NodeID(id),
