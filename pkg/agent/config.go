@@ -54,6 +54,32 @@ const (
 	// DefaultStderrTail is how many stderr lines of a worker are kept to
 	// explain its crash.
 	DefaultStderrTail = 20
+	// DefaultMonitorInterval is how often the age and memory of workers are
+	// checked against their recycling limits.
+	DefaultMonitorInterval = time.Second
+	// DefaultHeartbeatInterval is how often a worker is pinged.
+	DefaultHeartbeatInterval = time.Second
+	// DefaultHeartbeatTimeout is how long a worker may leave pings
+	// unanswered before it is killed as hung.
+	DefaultHeartbeatTimeout = 10 * time.Second
+	// DefaultCancelGrace is how long a cancelled call may keep running
+	// before its worker is recycled.
+	DefaultCancelGrace = 5 * time.Second
+	// DefaultRecycleDrainTimeout bounds how long a worker being recycled may
+	// finish its calls before it is stopped.
+	DefaultRecycleDrainTimeout = 30 * time.Second
+	// DefaultRestartBackoffMin and DefaultRestartBackoffMax bound the
+	// exponential back-off between restarts of a crashing worker.
+	DefaultRestartBackoffMin = 100 * time.Millisecond
+	DefaultRestartBackoffMax = 30 * time.Second
+	// DefaultRestartBudget is how many crashes of one worker slot within
+	// DefaultRestartWindow are tolerated before the slot is tainted and
+	// the pool reported degraded.
+	DefaultRestartBudget = 5
+	DefaultRestartWindow = time.Minute
+	// DefaultTaintCooldown is how long a tainted slot waits before its next
+	// restart.
+	DefaultTaintCooldown = time.Minute
 )
 
 // Config is the configuration of a node. DefaultConfig returns it filled
@@ -74,6 +100,8 @@ type Config struct {
 	ShutdownGrace time.Duration `mapstructure:"shutdown_grace"`
 	// StartConcurrency bounds how many workers start at once.
 	StartConcurrency int `mapstructure:"start_concurrency"`
+	// MonitorInterval is how often workers' age and memory are checked.
+	MonitorInterval time.Duration `mapstructure:"monitor_interval"`
 	// Pools are the worker pools; the first one is the default pool. Empty
 	// means one pool named DefaultPoolName serving DefaultAdapter.
 	Pools []PoolConfig `mapstructure:"pools"`
@@ -86,16 +114,25 @@ type PoolConfig struct {
 	// Adapter is the user's Python code: "module", "module:Class",
 	// "path/to/file.py" or "path/to/file.py:Class".
 	Adapter string `mapstructure:"adapter"`
-	// Python is the interpreter (a virtualenv's bin/python selects it).
+	// Python is the interpreter. Empty means the virtualenv's bin/python
+	// when Virtualenv is set, else DefaultPython.
 	Python string `mapstructure:"python"`
+	// Virtualenv is a virtual environment the workers run in: its bin/ goes
+	// first on PATH and VIRTUAL_ENV is set.
+	Virtualenv string `mapstructure:"virtualenv"`
 	// PythonPath lists extra directories to import the adapter from.
 	PythonPath []string `mapstructure:"python_path"`
 	// Dir is the workers' working directory; empty means the daemon's.
 	Dir string `mapstructure:"dir"`
-	// Env adds environment variables to the workers.
+	// Env adds environment variables to the workers. The thread counts of
+	// math libraries (OMP_NUM_THREADS and the like) default to Capacity;
+	// set them here to override.
 	Env map[string]string `mapstructure:"env"`
 	// Size is the number of workers.
 	Size int `mapstructure:"size"`
+	// MinReady is how many workers must be ready before the node reports
+	// ready; 0 means Size.
+	MinReady int `mapstructure:"min_ready"`
 	// Capacity is how many calls one worker runs at once (threads).
 	Capacity int `mapstructure:"capacity"`
 	// QueueDepth is how many calls may wait for a free worker; a call past
@@ -110,6 +147,34 @@ type PoolConfig struct {
 	StartTimeout time.Duration `mapstructure:"start_timeout"`
 	// StopGrace is the time a worker gets at each step of stopping.
 	StopGrace time.Duration `mapstructure:"stop_grace"`
+	// MaxCalls recycles a worker after it served this many calls; 0 never.
+	MaxCalls int `mapstructure:"max_calls"`
+	// MaxAge recycles a worker this long after it started; 0 never.
+	MaxAge time.Duration `mapstructure:"max_age"`
+	// MaxMemoryMB recycles a worker whose process tree's resident memory
+	// passes this many MiB; 0 never.
+	MaxMemoryMB int `mapstructure:"max_memory_mb"`
+	// RecycleDrainTimeout bounds how long a worker being recycled may finish
+	// its calls (its replacement already serves) before it is stopped.
+	RecycleDrainTimeout time.Duration `mapstructure:"recycle_drain_timeout"`
+	// HeartbeatInterval is how often each worker is pinged.
+	HeartbeatInterval time.Duration `mapstructure:"heartbeat_interval"`
+	// HeartbeatTimeout is how long a worker may leave pings unanswered
+	// before it is killed as hung and replaced.
+	HeartbeatTimeout time.Duration `mapstructure:"heartbeat_timeout"`
+	// CancelGrace is how long a cancelled call may keep running before its
+	// worker is recycled.
+	CancelGrace time.Duration `mapstructure:"cancel_grace"`
+	// RestartBackoffMin and RestartBackoffMax bound the exponential
+	// back-off between restarts of a crashing worker.
+	RestartBackoffMin time.Duration `mapstructure:"restart_backoff_min"`
+	RestartBackoffMax time.Duration `mapstructure:"restart_backoff_max"`
+	// RestartBudget is how many crashes of one worker within RestartWindow
+	// are tolerated; past it the worker is tainted (not restarted) for
+	// TaintCooldown and the pool is degraded.
+	RestartBudget int           `mapstructure:"restart_budget"`
+	RestartWindow time.Duration `mapstructure:"restart_window"`
+	TaintCooldown time.Duration `mapstructure:"taint_cooldown"`
 }
 
 // DefaultConfig returns the configuration a node runs with when nothing is
@@ -120,6 +185,7 @@ func DefaultConfig() Config {
 		MaxMessageBytes:  DefaultMaxMessageBytes,
 		ShutdownGrace:    DefaultShutdownGrace,
 		StartConcurrency: DefaultStartConcurrency,
+		MonitorInterval:  DefaultMonitorInterval,
 	}
 }
 
@@ -136,6 +202,16 @@ func DefaultPool(name, adapter string) PoolConfig {
 		CallTimeout:  DefaultCallTimeout,
 		StartTimeout: DefaultStartTimeout,
 		StopGrace:    DefaultStopGrace,
+
+		RecycleDrainTimeout: DefaultRecycleDrainTimeout,
+		HeartbeatInterval:   DefaultHeartbeatInterval,
+		HeartbeatTimeout:    DefaultHeartbeatTimeout,
+		CancelGrace:         DefaultCancelGrace,
+		RestartBackoffMin:   DefaultRestartBackoffMin,
+		RestartBackoffMax:   DefaultRestartBackoffMax,
+		RestartBudget:       DefaultRestartBudget,
+		RestartWindow:       DefaultRestartWindow,
+		TaintCooldown:       DefaultTaintCooldown,
 	}
 }
 
@@ -176,6 +252,9 @@ func (c Config) withDefaults() Config {
 	if c.ShutdownGrace == 0 {
 		c.ShutdownGrace = d.ShutdownGrace
 	}
+	if c.MonitorInterval == 0 {
+		c.MonitorInterval = d.MonitorInterval
+	}
 	if c.StartConcurrency == 0 {
 		c.StartConcurrency = min(d.StartConcurrency, 4*runtime.NumCPU())
 	}
@@ -194,6 +273,28 @@ func (p PoolConfig) withDefaults() PoolConfig {
 	d := DefaultPool(p.Name, p.Adapter)
 	if p.Python == "" {
 		p.Python = d.Python
+		if p.Virtualenv != "" {
+			p.Python = filepath.Join(p.Virtualenv, "bin", "python")
+		}
+	}
+	if p.MinReady == 0 {
+		p.MinReady = p.Size
+	}
+	setDur := func(v *time.Duration, def time.Duration) {
+		if *v == 0 {
+			*v = def
+		}
+	}
+	setDur(&p.RecycleDrainTimeout, d.RecycleDrainTimeout)
+	setDur(&p.HeartbeatInterval, d.HeartbeatInterval)
+	setDur(&p.HeartbeatTimeout, d.HeartbeatTimeout)
+	setDur(&p.CancelGrace, d.CancelGrace)
+	setDur(&p.RestartBackoffMin, d.RestartBackoffMin)
+	setDur(&p.RestartBackoffMax, d.RestartBackoffMax)
+	setDur(&p.RestartWindow, d.RestartWindow)
+	setDur(&p.TaintCooldown, d.TaintCooldown)
+	if p.RestartBudget == 0 {
+		p.RestartBudget = d.RestartBudget
 	}
 	if p.Size == 0 {
 		p.Size = d.Size
@@ -241,6 +342,9 @@ func (c Config) Validate() error {
 	if c.ShutdownGrace < 0 {
 		bad("shutdown_grace must not be negative (got %s)", c.ShutdownGrace)
 	}
+	if c.MonitorInterval < 0 {
+		bad("monitor_interval must not be negative (got %s)", c.MonitorInterval)
+	}
 	if c.StartConcurrency < 0 {
 		bad("start_concurrency must be >0 (got %d)", c.StartConcurrency)
 	}
@@ -268,10 +372,25 @@ func (c Config) Validate() error {
 		if p.QueueDepth < 0 {
 			bad("%s.queue_depth must not be negative (got %d)", key, p.QueueDepth)
 		}
+		if p.MinReady < 0 || p.MinReady > p.Size {
+			bad("%s.min_ready must be between 1 and size %d (got %d)", key, p.Size, p.MinReady)
+		}
+		if p.MaxCalls < 0 || p.MaxMemoryMB < 0 || p.RestartBudget < 0 {
+			bad("%s: max_calls, max_memory_mb and restart_budget must not be negative", key)
+		}
+		if p.HeartbeatTimeout > 0 && p.HeartbeatTimeout <= p.HeartbeatInterval {
+			bad("%s.heartbeat_timeout (%s) must be longer than heartbeat_interval (%s)", key, p.HeartbeatTimeout, p.HeartbeatInterval)
+		}
+		if p.RestartBackoffMax < p.RestartBackoffMin {
+			bad("%s.restart_backoff_max (%s) must not be below restart_backoff_min (%s)", key, p.RestartBackoffMax, p.RestartBackoffMin)
+		}
 		for _, d := range []struct {
 			name string
 			v    time.Duration
-		}{{"queue_max_wait", p.QueueMaxWait}, {"call_timeout", p.CallTimeout}, {"start_timeout", p.StartTimeout}, {"stop_grace", p.StopGrace}} {
+		}{{"queue_max_wait", p.QueueMaxWait}, {"call_timeout", p.CallTimeout}, {"start_timeout", p.StartTimeout}, {"stop_grace", p.StopGrace},
+			{"max_age", p.MaxAge}, {"recycle_drain_timeout", p.RecycleDrainTimeout}, {"heartbeat_interval", p.HeartbeatInterval},
+			{"heartbeat_timeout", p.HeartbeatTimeout}, {"cancel_grace", p.CancelGrace}, {"restart_backoff_min", p.RestartBackoffMin},
+			{"restart_backoff_max", p.RestartBackoffMax}, {"restart_window", p.RestartWindow}, {"taint_cooldown", p.TaintCooldown}} {
 			if d.v < 0 {
 				bad("%s.%s must not be negative (got %s)", key, d.name, d.v)
 			}

@@ -28,6 +28,12 @@ type Hooks struct {
 	Stopping func()
 }
 
+// PoolHealthService is the grpc.health.v1 service name that reports one
+// pool: SERVING while it has a ready worker and none of its workers is
+// tainted for crashing past the restart budget. The empty service name
+// reports the node: SERVING while every pool has a ready worker.
+func PoolHealthService(pool string) string { return "snakepit.pool." + pool }
+
 // Serve runs a node until ctx is done, then shuts it down in order:
 //
 //  1. gRPC health turns NOT_SERVING, so peers and load balancers stop
@@ -83,7 +89,34 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	var runErr error
 	select {
 	case <-n.Ready():
-		setServing(healthpb.HealthCheckResponse_SERVING)
+		updateHealth := func() {
+			st := healthpb.HealthCheckResponse_NOT_SERVING
+			if n.Healthy() {
+				st = healthpb.HealthCheckResponse_SERVING
+			}
+			setServing(st)
+			for _, p := range n.Status().Pools {
+				ps := healthpb.HealthCheckResponse_NOT_SERVING
+				if p.Ready > 0 && !p.Tainted && (p.State == PoolReady || p.State == PoolDegraded) {
+					ps = healthpb.HealthCheckResponse_SERVING
+				}
+				hs.SetServingStatus(PoolHealthService(p.Name), ps)
+			}
+		}
+		updateHealth()
+		healthDone := make(chan struct{})
+		defer func() { <-healthDone }()
+		go func() {
+			defer close(healthDone)
+			for {
+				select {
+				case <-n.HealthChanges():
+					updateHealth()
+				case <-nodeCtx.Done():
+					return
+				}
+			}
+		}()
 		if hooks.Ready != nil {
 			hooks.Ready()
 		}

@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -66,6 +67,9 @@ type Node struct {
 	startSem semaphore
 	stopping atomic.Bool
 	ready    chan struct{}
+	runID    string
+	procs    *procRecord
+	healthCh chan struct{}
 }
 
 // New checks cfg and builds a node. It does no I/O and starts nothing.
@@ -80,10 +84,14 @@ func New(cfg Config, log zerolog.Logger) (*Node, error) {
 		pools:    make(map[string]*Pool, len(cfg.Pools)),
 		startSem: newSemaphore(cfg.StartConcurrency),
 		ready:    make(chan struct{}),
+		healthCh: make(chan struct{}, 1),
 	}
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	n.reqBase = hex.EncodeToString(b[:]) + "-"
+	var r [8]byte
+	_, _ = rand.Read(r[:])
+	n.runID = hex.EncodeToString(r[:])
 	for _, pc := range cfg.Pools {
 		n.pools[pc.Name] = newPool(n, pc)
 		n.order = append(n.order, pc.Name)
@@ -115,6 +123,13 @@ func (n *Node) Run(ctx context.Context) error {
 		return err
 	}
 	n.gens = gens
+	recordPath := filepath.Join(n.cfg.StateDir, "workers.json")
+	if killed, err := sweep(recordPath, n.log); err != nil {
+		return err
+	} else if killed > 0 {
+		n.log.Warn().Int("killed", killed).Msg("swept processes left by the previous run")
+	}
+	n.procs = newProcRecord(recordPath, n.runID, n.log)
 	rt, err := pyruntime.Install(filepath.Join(n.cfg.StateDir, "runtime"))
 	if err != nil {
 		return err
@@ -191,7 +206,7 @@ func (g *generations) take() (worker.Generation, error) {
 	defer g.mu.Unlock()
 	if g.next >= g.reserved {
 		r := g.next + generationBlock
-		if err := writeFileAtomic(g.path, []byte(strconv.FormatUint(r, 10)+"\n")); err != nil {
+		if err := writeFile(g.path, []byte(strconv.FormatUint(r, 10)+"\n"), true); err != nil {
 			return 0, fmt.Errorf("reserve worker generations: %w", err)
 		}
 		g.reserved = r
@@ -199,27 +214,6 @@ func (g *generations) take() (worker.Generation, error) {
 	v := g.next
 	g.next++
 	return worker.Generation(v), nil
-}
-
-// writeFileAtomic writes a file by renaming a synced temporary file over it.
-func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }
 
 func (n *Node) nextGeneration() (worker.Generation, error) {
@@ -347,7 +341,8 @@ func (n *Node) Status() Status {
 // PoolNames returns the node's pools, the default one first.
 func (n *Node) PoolNames() []string { return slices.Clone(n.order) }
 
-// Healthy reports whether every pool can serve calls.
+// Healthy reports whether every pool can serve calls: each has a ready
+// worker and none failed or is stopping.
 func (n *Node) Healthy() bool {
 	for _, p := range n.pools {
 		p.mu.Lock()
@@ -375,3 +370,47 @@ func (s semaphore) acquire(ctx context.Context) error {
 }
 
 func (s semaphore) release() { <-s }
+
+// writeFile writes a file by renaming a temporary file over it; with sync,
+// the data is on disk before the rename.
+func writeFile(path string, data []byte, sync bool) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if sync {
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}
+
+func killPID(pid int) error {
+	err := syscall.Kill(pid, syscall.SIGKILL)
+	if errors.Is(err, syscall.ESRCH) {
+		return nil
+	}
+	return err
+}
+
+// healthChanged tells whoever watches the node's health to look again.
+func (n *Node) healthChanged() {
+	select {
+	case n.healthCh <- struct{}{}:
+	default:
+	}
+}
+
+// HealthChanges delivers a value whenever the node's health may have
+// changed; read Healthy then.
+func (n *Node) HealthChanges() <-chan struct{} { return n.healthCh }

@@ -50,17 +50,41 @@ func (s PoolState) String() string {
 // proc is one worker process of a pool, with the pool's count of calls it
 // holds.
 type proc struct {
-	w    *worker.Worker
-	slot *slot
-	busy int // calls given to the worker and not yet released; guarded by Pool.mu
-	live bool
+	w         *worker.Worker
+	slot      *slot
+	busy      int  // calls given to the worker and not yet released
+	live      bool // in p.ready, taking calls
+	recycling bool // a replacement was asked for
+	idle      chan struct{}
+	idleShut  bool
+}
+
+// markIdleLocked closes pr.idle once pr is out of service and holds no call.
+func (pr *proc) markIdleLocked() {
+	if !pr.live && pr.busy == 0 && !pr.idleShut {
+		pr.idleShut = true
+		close(pr.idle)
+	}
+}
+
+// recycleRequest asks a slot's supervisor to replace one generation.
+type recycleRequest struct {
+	gen    worker.Generation
+	reason string
 }
 
 // slot is one worker position of a pool, served by a succession of
 // processes (generations).
 type slot struct {
-	id  worker.ID
-	cur *proc // the process serving the slot, nil while none is ready
+	id      worker.ID
+	cur     *proc // the process serving the slot, nil while none is ready
+	recycle chan recycleRequest
+
+	// Crash accounting, guarded by Pool.mu.
+	crashes      []time.Time
+	lastCause    string
+	taintedUntil time.Time
+	startFails   int
 }
 
 type waiter struct {
@@ -69,11 +93,16 @@ type waiter struct {
 }
 
 // Pool is a set of identical workers with a bounded queue in front of them.
+// Each worker slot has a supervisor goroutine that starts its process,
+// replaces it when it dies (with back-off, and a cool-down once it has
+// crashed past the restart budget) and recycles it on request, starting the
+// replacement before retiring the old process.
 type Pool struct {
 	cfg  PoolConfig
 	node *Node
 	log  zerolog.Logger
 	env  []string
+	wg   sync.WaitGroup // supervisors, drains and exit watchers
 
 	mu      sync.Mutex
 	slots   []*slot
@@ -91,6 +120,7 @@ type Pool struct {
 	served   atomic.Uint64
 	errors   atomic.Uint64
 	rejected atomic.Uint64
+	restarts sync.Map // cause -> *atomic.Uint64
 	latency  histogram
 }
 
@@ -104,13 +134,21 @@ func newPool(n *Node, cfg PoolConfig) *Pool {
 		failCh:  make(chan struct{}),
 	}
 	for i := 0; i < cfg.Size; i++ {
-		p.slots = append(p.slots, &slot{id: worker.ID(i)})
+		p.slots = append(p.slots, &slot{id: worker.ID(i), recycle: make(chan recycleRequest, 1)})
 	}
 	return p
 }
 
+// mathThreadVars are the variables that size the thread pools of math
+// libraries; each worker gets its capacity unless the pool sets them.
+var mathThreadVars = []string{
+	"OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS",
+	"VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+}
+
 // environment builds the workers' environment: the daemon's, the Python
-// runtime on PYTHONPATH, then the pool's own variables, which win.
+// runtime on PYTHONPATH, the virtualenv, thread counts of math libraries,
+// then the pool's own variables, which win.
 func (p *Pool) environment(runtimeDir string) []string {
 	env := map[string]string{}
 	for _, kv := range os.Environ() {
@@ -130,6 +168,16 @@ func (p *Pool) environment(runtimeDir string) []string {
 	}
 	env["PYTHONPATH"] = strings.Join(paths, string(os.PathListSeparator))
 	env["PYTHONUNBUFFERED"] = "1"
+	env["SNAKEPIT_RUN_ID"] = p.node.runID
+	if p.cfg.Virtualenv != "" {
+		venv, _ := filepath.Abs(p.cfg.Virtualenv)
+		env["VIRTUAL_ENV"] = venv
+		env["PATH"] = filepath.Join(venv, "bin") + string(os.PathListSeparator) + env["PATH"]
+		delete(env, "PYTHONHOME")
+	}
+	for _, k := range mathThreadVars {
+		env[k] = strconv.Itoa(p.cfg.Capacity)
+	}
 	maps.Copy(env, p.cfg.Env)
 	out := make([]string, 0, len(env))
 	for _, k := range slices.Sorted(maps.Keys(env)) {
@@ -141,45 +189,80 @@ func (p *Pool) environment(runtimeDir string) []string {
 // run supervises every slot of the pool until ctx is done, then stops the
 // workers. It returns when all worker processes are gone.
 func (p *Pool) run(ctx context.Context) {
-	var wg sync.WaitGroup
 	for _, s := range p.slots {
-		wg.Add(1)
+		p.wg.Add(1)
 		go func() {
-			defer wg.Done()
+			defer p.wg.Done()
 			p.superviseSlot(ctx, s)
 		}()
 	}
-	wg.Wait()
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.monitor(ctx)
+	}()
+	p.wg.Wait()
 }
 
 // superviseSlot keeps a worker process running in the slot until ctx ends.
 func (p *Pool) superviseSlot(ctx context.Context, s *slot) {
-	backoff := restartBackoffMin
-	for ctx.Err() == nil {
-		pr, err := p.startProc(ctx, s)
-		if err != nil {
-			if ctx.Err() != nil {
-				return
+	backoff := p.cfg.RestartBackoffMin
+	var pr *proc
+	for {
+		if pr == nil {
+			var err error
+			pr, err = p.startProc(ctx, s)
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				p.startFailed(s, err)
+				if !sleepCtx(ctx, backoff) {
+					return
+				}
+				backoff = min(2*backoff, p.cfg.RestartBackoffMax)
+				continue
 			}
-			p.startFailed(s, err)
-			if !sleepCtx(ctx, backoff) {
-				return
-			}
-			backoff = min(2*backoff, restartBackoffMax)
-			continue
 		}
-		began := time.Now()
 		select {
 		case <-pr.w.Done():
 			p.retire(pr)
-			p.log.Warn().Err(pr.w.Err()).Uint64("worker_id", uint64(s.id)).Msg("worker exited")
-			if time.Since(began) > restartBackoffReset {
-				backoff = restartBackoffMin
+			lived := time.Since(pr.w.Started())
+			delay := p.crashed(s, pr)
+			if lived > restartBackoffReset {
+				backoff = p.cfg.RestartBackoffMin
 			}
-			if !sleepCtx(ctx, backoff) {
+			delay = max(delay, backoff)
+			backoff = min(2*backoff, p.cfg.RestartBackoffMax)
+			pr = nil
+			if !sleepCtx(ctx, delay) {
 				return
 			}
-			backoff = min(2*backoff, restartBackoffMax)
+		case req := <-s.recycle:
+			if req.gen != pr.w.Generation() {
+				continue // asked for a generation already gone
+			}
+			p.log.Info().Uint64("worker_id", uint64(s.id)).Uint64("generation", uint64(req.gen)).Str("reason", req.reason).Msg("recycling worker")
+			p.countRestart("recycle_" + req.reason)
+			next, err := p.startProc(ctx, s)
+			if err != nil {
+				if ctx.Err() != nil {
+					continue // the ctx case stops pr
+				}
+				p.log.Error().Err(err).Uint64("worker_id", uint64(s.id)).Msg("replacement worker failed to start; keeping the old one")
+				p.mu.Lock()
+				pr.recycling = false // the monitor asks again
+				p.mu.Unlock()
+				continue
+			}
+			old := pr
+			pr = next
+			p.retire(old)
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				p.drainAndStop(ctx, old)
+			}()
 		case <-ctx.Done():
 			p.retire(pr)
 			pr.w.Stop(p.cfg.StopGrace)
@@ -192,14 +275,14 @@ func (p *Pool) superviseSlot(ctx context.Context, s *slot) {
 // the result.
 const responseOverhead = 1 << 10
 
-// Restart back-off of a slot whose worker keeps failing.
-const (
-	restartBackoffMin   = 50 * time.Millisecond
-	restartBackoffMax   = 30 * time.Second
-	restartBackoffReset = 30 * time.Second
-)
+// restartBackoffReset: a worker that lived this long restarts after the
+// minimum back-off again.
+const restartBackoffReset = 30 * time.Second
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -207,6 +290,129 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 		return true
 	case <-ctx.Done():
 		return false
+	}
+}
+
+// drainAndStop waits until a retired process has finished its calls (at
+// most recycle_drain_timeout), then stops it.
+func (p *Pool) drainAndStop(ctx context.Context, old *proc) {
+	t := time.NewTimer(p.cfg.RecycleDrainTimeout)
+	defer t.Stop()
+	select {
+	case <-old.idle:
+	case <-old.w.Done():
+	case <-t.C:
+		p.log.Warn().Uint64("worker_id", uint64(old.w.ID())).Uint64("generation", uint64(old.w.Generation())).
+			Dur("recycle_drain_timeout", p.cfg.RecycleDrainTimeout).Msg("recycled worker still busy; stopping it")
+	case <-ctx.Done():
+	}
+	old.w.Stop(p.cfg.StopGrace)
+}
+
+// crashed records the exit of a worker that the pool did not stop, and
+// returns how long the slot must wait before its next start: the taint
+// cool-down once it has crashed more than restart_budget times within
+// restart_window, else 0 (the caller adds the back-off).
+func (p *Pool) crashed(s *slot, pr *proc) time.Duration {
+	cause := worker.CauseExited
+	var ee *worker.ExitError
+	if errors.As(pr.w.Err(), &ee) {
+		cause = ee.Cause
+	}
+	if cause == worker.CauseStopped {
+		return 0
+	}
+	p.countRestart(cause)
+	now := time.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	kept := s.crashes[:0]
+	for _, c := range s.crashes {
+		if now.Sub(c) < p.cfg.RestartWindow {
+			kept = append(kept, c)
+		}
+	}
+	s.crashes = append(kept, now)
+	s.lastCause = cause
+	p.log.Warn().Err(pr.w.Err()).Uint64("worker_id", uint64(s.id)).Str("cause", cause).Int("recent_crashes", len(s.crashes)).Msg("worker exited")
+	var wait time.Duration
+	if len(s.crashes) > p.cfg.RestartBudget {
+		s.taintedUntil = now.Add(p.cfg.TaintCooldown)
+		wait = p.cfg.TaintCooldown
+		p.log.Error().Uint64("worker_id", uint64(s.id)).Str("last_cause", cause).Dur("cooldown", p.cfg.TaintCooldown).Msg("restart budget exhausted; worker tainted")
+	}
+	p.updateStateLocked()
+	return wait
+}
+
+func (p *Pool) countRestart(cause string) {
+	v, _ := p.restarts.LoadOrStore(cause, new(atomic.Uint64))
+	v.(*atomic.Uint64).Add(1)
+}
+
+// Restarts returns how many workers were replaced, by cause.
+func (p *Pool) Restarts() map[string]uint64 {
+	out := map[string]uint64{}
+	p.restarts.Range(func(k, v any) bool {
+		out[k.(string)] = v.(*atomic.Uint64).Load()
+		return true
+	})
+	return out
+}
+
+// monitor recycles workers past their age or memory limits.
+func (p *Pool) monitor(ctx context.Context) {
+	if p.cfg.MaxAge <= 0 && p.cfg.MaxMemoryMB <= 0 {
+		return
+	}
+	t := time.NewTicker(p.node.cfg.MonitorInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		procs := slices.Clone(p.ready)
+		p.mu.Unlock()
+		var rss map[int]uint64
+		if p.cfg.MaxMemoryMB > 0 {
+			pids := make([]int, len(procs))
+			for i, pr := range procs {
+				pids[i] = pr.w.PID()
+			}
+			var err error
+			if rss, err = worker.GroupRSS(pids); err != nil {
+				p.log.Warn().Err(err).Msg("reading worker memory")
+			}
+		}
+		for _, pr := range procs {
+			if p.cfg.MaxAge > 0 && time.Since(pr.w.Started()) > p.cfg.MaxAge {
+				p.requestRecycle(pr, "max_age")
+			} else if m := rss[pr.w.PID()]; p.cfg.MaxMemoryMB > 0 && m > uint64(p.cfg.MaxMemoryMB)<<20 {
+				p.log.Info().Uint64("worker_id", uint64(pr.w.ID())).Uint64("rss_bytes", m).Int("max_memory_mb", p.cfg.MaxMemoryMB).Msg("worker over its memory limit")
+				p.requestRecycle(pr, "max_memory")
+			}
+		}
+	}
+}
+
+// requestRecycle asks pr's supervisor to replace it (once).
+func (p *Pool) requestRecycle(pr *proc, reason string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.requestRecycleLocked(pr, reason)
+}
+
+func (p *Pool) requestRecycleLocked(pr *proc, reason string) {
+	if pr.recycling || !pr.live || p.state == PoolStopping {
+		return
+	}
+	pr.recycling = true
+	select {
+	case pr.slot.recycle <- recycleRequest{gen: pr.w.Generation(), reason: reason}:
+	default:
 	}
 }
 
@@ -219,56 +425,104 @@ func (p *Pool) startProc(ctx context.Context, s *slot) (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	pr := &proc{slot: s}
+	pr := &proc{slot: s, idle: make(chan struct{})}
 	w, err := worker.Start(ctx, worker.Spec{
-		Pool:         p.cfg.Name,
-		ID:           s.id,
-		Generation:   gen,
-		Python:       p.cfg.Python,
-		Adapter:      p.cfg.Adapter,
-		Capacity:     p.cfg.Capacity,
-		Env:          p.env,
-		Dir:          p.cfg.Dir,
-		MaxFrame:     p.node.cfg.MaxMessageBytes + 64<<10,
-		MaxResult:    p.node.cfg.MaxMessageBytes - responseOverhead,
-		StartTimeout: p.cfg.StartTimeout,
-		StderrTail:   DefaultStderrTail,
-		OnRelease:    func(*worker.Worker) { p.release(pr) },
-		Logger:       p.node.log,
+		Pool:              p.cfg.Name,
+		ID:                s.id,
+		Generation:        gen,
+		Python:            p.cfg.Python,
+		Adapter:           p.cfg.Adapter,
+		Capacity:          p.cfg.Capacity,
+		Env:               p.env,
+		Dir:               p.cfg.Dir,
+		MaxFrame:          p.node.cfg.MaxMessageBytes + 64<<10,
+		MaxResult:         p.node.cfg.MaxMessageBytes - responseOverhead,
+		StartTimeout:      p.cfg.StartTimeout,
+		StderrTail:        DefaultStderrTail,
+		HeartbeatInterval: p.cfg.HeartbeatInterval,
+		HeartbeatTimeout:  p.cfg.HeartbeatTimeout,
+		CancelGrace:       p.cfg.CancelGrace,
+		OnCancelIgnored:   func(*worker.Worker) { p.requestRecycle(pr, "cancel_ignored") },
+		OnRelease:         func(*worker.Worker) { p.release(pr) },
+		Logger:            p.node.log,
 	})
 	if err != nil {
 		return nil, err
 	}
 	pr.w = w
+	p.node.procs.add(w)
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		<-w.Done()
+		p.node.procs.remove(w)
+	}()
 	p.addReady(pr)
 	return pr, nil
 }
 
-// startFailed records a worker that could not start. While the pool has
-// never been ready, an adapter that fails to load fails the pool.
+// startFailed records a worker that could not start. While the pool is
+// starting, failures of more slots than min_ready leaves room for fail the
+// pool: the node then reports the error (with the Python traceback) and
+// exits rather than waiting forever.
 func (p *Pool) startFailed(s *slot, err error) {
 	p.log.Error().Err(err).Uint64("worker_id", uint64(s.id)).Msg("worker failed to start")
+	p.countRestart("start_failed")
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	s.startFails++
 	if p.state == PoolStarting {
-		var se *worker.StartError
-		reason := err.Error()
-		if errors.As(err, &se) && se.Traceback != "" {
-			reason += "\n" + se.Traceback
+		failing := 0
+		for _, o := range p.slots {
+			if o.startFails > 0 && o.cur == nil {
+				failing++
+			}
 		}
-		p.state = PoolFailed
-		p.reason = reason
-		select {
-		case <-p.failCh:
-		default:
+		var se *worker.StartError
+		deterministic := errors.As(err, &se) && se.Type != ""
+		if deterministic || failing > len(p.slots)-p.cfg.MinReady {
+			reason := err.Error()
+			if se != nil && se.Traceback != "" {
+				reason += "\n" + se.Traceback
+			}
+			p.state = PoolFailed
+			p.reason = reason
 			close(p.failCh)
 		}
 		return
 	}
-	if len(p.ready) < len(p.slots) && p.state == PoolReady {
-		p.state = PoolDegraded
-		p.reason = "worker failed to start: " + err.Error()
+	p.updateStateLocked()
+}
+
+// updateStateLocked derives the pool's state from its workers.
+func (p *Pool) updateStateLocked() {
+	switch p.state {
+	case PoolStopping, PoolFailed:
+		return
+	case PoolStarting:
+		if len(p.ready) < p.cfg.MinReady {
+			return
+		}
+		close(p.readyCh)
 	}
+	now := time.Now()
+	for _, s := range p.slots {
+		if now.Before(s.taintedUntil) {
+			p.state = PoolDegraded
+			p.reason = fmt.Sprintf("worker %d crashed %d times within %s (last cause: %s): restart budget exhausted, tainted until %s",
+				s.id, len(s.crashes), p.cfg.RestartWindow, s.lastCause, s.taintedUntil.Format(time.RFC3339))
+			p.node.healthChanged()
+			return
+		}
+	}
+	if len(p.ready) < len(p.slots) {
+		p.state = PoolDegraded
+		p.reason = fmt.Sprintf("%d of %d workers ready; restarting the others", len(p.ready), len(p.slots))
+	} else {
+		p.state = PoolReady
+		p.reason = ""
+	}
+	p.node.healthChanged()
 }
 
 // addReady puts a started process into service and hands it queued calls.
@@ -277,6 +531,7 @@ func (p *Pool) addReady(pr *proc) {
 	defer p.mu.Unlock()
 	pr.live = true
 	pr.slot.cur = pr
+	pr.slot.startFails = 0
 	p.ready = append(p.ready, pr)
 	h := pr.w.Hello()
 	if p.tools == nil || !slices.Equal(p.names, toolNames(h.Tools)) {
@@ -286,13 +541,7 @@ func (p *Pool) addReady(pr *proc) {
 		}
 		p.names = toolNames(h.Tools)
 	}
-	if p.state == PoolStarting && len(p.ready) >= len(p.slots) {
-		p.state = PoolReady
-		close(p.readyCh)
-	} else if p.state == PoolDegraded && len(p.ready) >= len(p.slots) {
-		p.state = PoolReady
-		p.reason = ""
-	}
+	p.updateStateLocked()
 	for pr.busy < pr.w.Capacity() && p.grantLocked(pr) {
 	}
 }
@@ -320,13 +569,9 @@ func (p *Pool) retire(pr *proc) {
 	if i := slices.Index(p.ready, pr); i >= 0 {
 		p.ready = slices.Delete(p.ready, i, i+1)
 	}
-	if p.state == PoolReady && !p.stoppingLocked() {
-		p.state = PoolDegraded
-		p.reason = fmt.Sprintf("worker %d generation %d exited; restarting", pr.w.ID(), pr.w.Generation())
-	}
+	pr.markIdleLocked()
+	p.updateStateLocked()
 }
-
-func (p *Pool) stoppingLocked() bool { return p.state == PoolStopping }
 
 // pickLocked returns the least-loaded ready process with a free slot.
 func (p *Pool) pickLocked() *proc {
@@ -338,7 +583,7 @@ func (p *Pool) pickLocked() *proc {
 	p.rr++
 	for i := 0; i < n; i++ {
 		pr := p.ready[(p.rr+i)%n]
-		if pr.busy >= pr.w.Capacity() {
+		if pr.busy >= pr.w.Capacity() || pr.recycling {
 			continue
 		}
 		if best == nil || pr.busy < best.busy {
@@ -353,6 +598,9 @@ func (p *Pool) pickLocked() *proc {
 
 // grantLocked hands pr to the first live waiter; it reports whether it did.
 func (p *Pool) grantLocked(pr *proc) bool {
+	if pr.recycling {
+		return false
+	}
 	for len(p.waiters) > 0 {
 		wt := p.waiters[0]
 		p.waiters[0] = nil
@@ -373,7 +621,19 @@ func (p *Pool) release(pr *proc) {
 	p.mu.Lock()
 	pr.busy--
 	if pr.live {
-		p.grantLocked(pr)
+		if p.cfg.MaxCalls > 0 && pr.w.Served() >= uint64(p.cfg.MaxCalls) {
+			p.requestRecycleLocked(pr, "max_calls")
+		}
+		if !p.grantLocked(pr) {
+			// pr is recycling: a queued call may fit on another worker.
+			if len(p.waiters) > 0 {
+				if other := p.pickLocked(); other != nil {
+					p.grantLocked(other)
+				}
+			}
+		}
+	} else {
+		pr.markIdleLocked()
 	}
 	p.mu.Unlock()
 }
@@ -387,8 +647,7 @@ func (p *Pool) acquire(ctx context.Context) (*proc, error) {
 		p.mu.Unlock()
 		return pr, nil
 	}
-	switch p.state {
-	case PoolFailed, PoolStopping:
+	if p.state == PoolFailed || p.state == PoolStopping || (len(p.ready) == 0 && p.allTaintedLocked()) {
 		err := &PoolUnavailableError{Pool: p.cfg.Name, State: p.state.String(), Reason: p.reason}
 		p.mu.Unlock()
 		return nil, err
@@ -428,6 +687,17 @@ func (p *Pool) acquire(ctx context.Context) (*proc, error) {
 	p.queued--
 	p.mu.Unlock()
 	return nil, err
+}
+
+// allTaintedLocked reports whether every slot is in its taint cool-down.
+func (p *Pool) allTaintedLocked() bool {
+	now := time.Now()
+	for _, s := range p.slots {
+		if !now.Before(s.taintedUntil) {
+			return false
+		}
+	}
+	return true
 }
 
 // retryAfter suggests when a refused call may succeed: about the time a
@@ -560,9 +830,12 @@ type PoolStatus struct {
 	Rejected     uint64
 	P50, P90     time.Duration
 	P99, Max     time.Duration
-	Workers      []WorkerStatus
-	Tools        []worker.Tool
-	WorkerPython string
+	Workers  []WorkerStatus
+	Tools    []worker.Tool
+	Restarts map[string]uint64
+	// Tainted is true while a worker is in its cool-down after crashing
+	// past the restart budget.
+	Tainted bool
 }
 
 // WorkerStatus is a snapshot of one worker.
@@ -587,6 +860,13 @@ func (p *Pool) status() PoolStatus {
 		Queued: p.queued, QueueDepth: p.cfg.QueueDepth,
 		Served: p.served.Load(), Errors: p.errors.Load(), Rejected: p.rejected.Load(),
 		P50: qs[0], P90: qs[1], P99: qs[2], Max: mx,
+		Restarts: p.Restarts(),
+	}
+	now := time.Now()
+	for _, s := range p.slots {
+		if now.Before(s.taintedUntil) {
+			st.Tainted = true
+		}
 	}
 	for _, s := range p.slots {
 		ws := WorkerStatus{ID: s.id, Capacity: p.cfg.Capacity, State: "starting"}

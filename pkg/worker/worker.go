@@ -89,6 +89,20 @@ type Spec struct {
 	// StderrTail is how many of the last stderr lines are kept to explain a
 	// crash.
 	StderrTail int
+	// HeartbeatInterval is how often the worker is pinged on its control
+	// socket; 0 disables heartbeats.
+	HeartbeatInterval time.Duration
+	// HeartbeatTimeout is how long the worker may go without answering a
+	// ping before it is killed as hung (ExitError.Cause CauseHung). Its
+	// control thread answers even while tools run, unless native code holds
+	// the GIL or the process is stopped.
+	HeartbeatTimeout time.Duration
+	// CancelGrace is how long a cancelled call may keep running in Python
+	// before OnCancelIgnored is called.
+	CancelGrace time.Duration
+	// OnCancelIgnored is called (once per call) when a cancelled call is
+	// still running CancelGrace after its cancellation.
+	OnCancelIgnored func(*Worker)
 	// OnRelease is called once for every Call, after the worker's side of
 	// that call is over: its result or error arrived, the write failed, or
 	// the process died. A call abandoned by its caller (cancelled) is released
@@ -160,6 +174,8 @@ type Worker struct {
 	cmd     *exec.Cmd
 	pid     int
 	started time.Time
+	// startTicks is the process start time from /proc (see ProcStat).
+	startTicks uint64
 	conn    net.Conn // calls and their results
 	ctl     net.Conn // heartbeats and cancellations
 	hello   Hello
@@ -214,6 +230,12 @@ func Start(ctx context.Context, spec Spec) (*Worker, error) {
 	select {
 	case <-w.ready:
 		w.state.Store(int32(StateReady))
+		if st, err := ReadProcStat(w.pid); err == nil {
+			w.startTicks = st.StartTicks
+		}
+		if spec.HeartbeatInterval > 0 && spec.HeartbeatTimeout > 0 {
+			go w.heartbeat()
+		}
 		return w, nil
 	case <-w.done:
 		w.mu.Lock()
@@ -405,7 +427,7 @@ func (w *Worker) wait() {
 	w.ctl.Close()
 	w.state.Store(int32(StateExited))
 	// Kill what is left of the process group (grandchildren).
-	_ = syscall.Kill(-w.pid, syscall.SIGKILL)
+	_ = killGroup(w.pid, syscall.SIGKILL)
 	for _, p := range failed {
 		p.ch <- reply{err: err}
 		w.release()
@@ -480,6 +502,27 @@ func (w *Worker) readLoop() {
 		default:
 			w.fatal(CauseProtocol, fmt.Errorf("unexpected %s frame", t))
 			return
+		}
+	}
+}
+
+// heartbeat pings the worker and kills it when it stops answering.
+func (w *Worker) heartbeat() {
+	t := time.NewTicker(w.spec.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-w.done:
+			return
+		case now := <-t.C:
+			if w.stopping.Load() {
+				return
+			}
+			if since := now.Sub(w.LastPong()); since > w.spec.HeartbeatTimeout {
+				w.Hang(fmt.Errorf("no heartbeat answer for %s (heartbeat_timeout %s)", since.Round(time.Millisecond), w.spec.HeartbeatTimeout))
+				return
+			}
+			_ = w.Ping()
 		}
 	}
 }
@@ -579,6 +622,17 @@ func (w *Worker) Call(ctx context.Context, c *Call) ([]byte, error) {
 		return r.payload, r.err
 	case <-ctx.Done():
 		w.cancel(id)
+		if w.spec.CancelGrace > 0 && w.spec.OnCancelIgnored != nil {
+			time.AfterFunc(w.spec.CancelGrace, func() {
+				w.mu.Lock()
+				_, still := w.pending[id]
+				w.mu.Unlock()
+				if still {
+					w.log.Warn().Uint64("call", id).Str("tool", c.Tool).Dur("cancel_grace", w.spec.CancelGrace).Msg("cancelled call still running")
+					w.spec.OnCancelIgnored(w)
+				}
+			})
+		}
 		return nil, ctx.Err()
 	}
 }
@@ -640,7 +694,7 @@ func (w *Worker) Stop(grace time.Duration) {
 	case <-t.C:
 	}
 	w.log.Warn().Dur("grace", grace).Msg("worker ignored close, sending SIGTERM")
-	_ = syscall.Kill(-w.pid, syscall.SIGTERM)
+	_ = killGroup(w.pid, syscall.SIGTERM)
 	t.Reset(grace)
 	select {
 	case <-w.done:
@@ -654,7 +708,7 @@ func (w *Worker) Stop(grace time.Duration) {
 
 // Kill sends SIGKILL to the worker's whole process group.
 func (w *Worker) Kill() {
-	_ = syscall.Kill(-w.pid, syscall.SIGKILL)
+	_ = killGroup(w.pid, syscall.SIGKILL)
 }
 
 // Done is closed once the process has exited and its calls were failed.
@@ -678,7 +732,11 @@ func (w *Worker) ID() ID { return w.spec.ID }
 // Generation returns the worker's generation.
 func (w *Worker) Generation() Generation { return w.spec.Generation }
 
-// PID returns the process id.
+// StartTicks returns the process start time in clock ticks since boot.
+func (w *Worker) StartTicks() uint64 { return w.startTicks }
+
+// PID returns the process id; it is also the id of the worker's process
+// group.
 func (w *Worker) PID() int { return w.pid }
 
 // Capacity returns how many calls the worker runs at once.
@@ -695,3 +753,6 @@ func (w *Worker) State() State { return State(w.state.Load()) }
 
 // Hello returns the handshake (valid once Start returned).
 func (w *Worker) Hello() Hello { return w.hello }
+
+// Pool returns the name of the worker's pool.
+func (w *Worker) Pool() string { return w.spec.Pool }
