@@ -47,6 +47,10 @@ type Options struct {
 	// is then in Agent.Token; requests without it (or with another token)
 	// get 403 from the agent.
 	ACL bool
+	// TLS also serves the HTTP API over TLS on HTTPSAddr, with a fresh CA
+	// whose certificate is in CAFile (the server certificate is for
+	// 127.0.0.1 and "localhost"). The plain HTTP API stays on Addr.
+	TLS bool
 }
 
 // Agent is a running (or stopped) Consul dev agent owned by one test.
@@ -59,6 +63,9 @@ type Agent struct {
 	Token string
 	// NodeName is the agent's node name in the catalog.
 	NodeName string
+	// HTTPSAddr and CAFile are set with Options.TLS.
+	HTTPSAddr string
+	CAFile    string
 
 	t       testing.TB
 	bin     string
@@ -131,7 +138,7 @@ func StartWith(t testing.TB, opts Options) *Agent {
 		}
 		t.Skipf("consultest: %v", err)
 	}
-	ports, err := freePorts(5)
+	ports, err := freePorts(6)
 	if err != nil {
 		t.Fatalf("consultest: free ports: %v", err)
 	}
@@ -155,6 +162,17 @@ func StartWith(t testing.TB, opts Options) *Agent {
 		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
 		"-log-level", "info",
 		"-hcl", "disable_update_check = true",
+	}
+	if opts.TLS {
+		ca, cert, key, err := writeTLSFiles(dir)
+		if err != nil {
+			t.Fatalf("consultest: tls: %v", err)
+		}
+		a.CAFile = ca
+		a.HTTPSAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[4]))
+		a.args = append(a.args, "-hcl", fmt.Sprintf(
+			`ports { https = %d } tls { defaults { ca_file = %q, cert_file = %q, key_file = %q, verify_incoming = false } }`,
+			ports[4], ca, cert, key))
 	}
 	if opts.ACL {
 		a.Token = newUUID()

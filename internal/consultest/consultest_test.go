@@ -2,7 +2,10 @@ package consultest
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"net/http"
+	"os"
 	"testing"
 	"time"
 
@@ -57,5 +60,29 @@ func TestACL(t *testing.T) {
 	}
 	if got := leader(t, a, a.Token); got != http.StatusOK {
 		t.Errorf("management GET /v1/agent/self = %d, want 200", got)
+	}
+}
+
+func TestTLS(t *testing.T) {
+	a := StartWith(t, Options{TLS: true})
+	if a.HTTPSAddr == "" || a.CAFile == "" {
+		t.Fatalf("HTTPSAddr=%q CAFile=%q, want both set", a.HTTPSAddr, a.CAFile)
+	}
+	pem, err := os.ReadFile(a.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		t.Fatal("CA file holds no certificate")
+	}
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true, TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	resp, err := c.Get("https://" + a.HTTPSAddr + "/v1/status/leader")
+	if err != nil {
+		t.Fatalf("GET over TLS: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("GET over TLS = %d, want 200", resp.StatusCode)
 	}
 }

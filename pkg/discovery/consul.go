@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -143,10 +144,16 @@ func (c *consulClient) build() (*api.Client, *http.Client, error) {
 // wrap ErrPermission and point at discovery.consul.token; transport failures
 // wrap ErrUnavailable and name the address.
 func (c *consulClient) wrapErr(op string, err error) error {
-	var se api.StatusError
+	var (
+		se  api.StatusError
+		cve *tls.CertificateVerificationError
+	)
 	switch {
 	case err == nil:
 		return nil
+	case errors.As(err, &cve):
+		return fmt.Errorf("%s: %w: discovery.consul.address=%s: the agent's certificate was not accepted (check discovery.consul.tls.ca_file and discovery.consul.tls.server_name): %w",
+			op, ErrUnavailable, c.cfg.Address, err)
 	case errors.Is(err, ErrBadConfig):
 		return err
 	case errors.As(err, &se) && (se.Code == http.StatusForbidden || se.Code == http.StatusUnauthorized):

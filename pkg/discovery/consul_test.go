@@ -55,6 +55,8 @@ func TestConsulRegistrationVisibleWithin2s(t *testing.T) {
 	n := testNode("node-a", 7001)
 	start := time.Now()
 	r, _ := register(t, cfg, n)
+	// 2s is the requirement, not a guess: registration must reach watchers
+	// within it (observed: about 0.1s).
 	s := waitSnapshot(t, d, 2*time.Second, "node-a visible", has("node-a"))
 	t.Logf("registration visible to the watcher after %v", time.Since(start))
 
@@ -79,12 +81,13 @@ func TestConsulDeregisterRemovesAtOnce(t *testing.T) {
 	d := startDirectory(t, cfg)
 	r, _ := register(t, cfg, testNode("node-a", 7001))
 	register(t, cfg, testNode("node-b", 7002))
-	waitSnapshot(t, d, 2*time.Second, "both visible", func(s *Snapshot) bool { return has("node-a")(s) && has("node-b")(s) })
+	waitSnapshot(t, d, 5*time.Second, "both visible", func(s *Snapshot) bool { return has("node-a")(s) && has("node-b")(s) })
 
 	start := time.Now()
 	if err := r.Deregister(context.Background()); err != nil {
 		t.Fatalf("Deregister: %v", err)
 	}
+	// "At once": well under the 1m TTL; observed about 0.1s.
 	s := waitSnapshot(t, d, 2*time.Second, "node-a gone", hasNot("node-a"))
 	t.Logf("deregistration seen after %v", time.Since(start))
 	if _, ok := s.Lookup("node-b"); !ok {
@@ -109,7 +112,7 @@ func TestConsulTTLLapseRemovesKilledNode(t *testing.T) {
 	cfg.Consul.TTL = 2 * time.Second
 	d := startDirectory(t, cfg)
 	r, stop := register(t, cfg, testNode("node-a", 7001))
-	waitSnapshot(t, d, 2*time.Second, "node-a visible", has("node-a"))
+	waitSnapshot(t, d, 5*time.Second, "node-a visible", has("node-a"))
 
 	stop() // the node is killed: no more refreshes, no deregistration
 	r.mu.Lock()
@@ -118,7 +121,9 @@ func TestConsulTTLLapseRemovesKilledNode(t *testing.T) {
 	waitSnapshot(t, d, cfg.Consul.TTL+5*time.Second, "node-a gone", hasNot("node-a"))
 	gone := time.Since(last)
 	t.Logf("TTL %v: removed %v after the last refresh", cfg.Consul.TTL, gone)
-	if gone < cfg.Consul.TTL {
+	// Consul starts the TTL when it receives the refresh, a little before
+	// lastRefresh is taken; far earlier would mean something else removed it.
+	if gone < cfg.Consul.TTL*9/10 {
 		t.Errorf("removed %v after the last refresh, before the TTL %v lapsed", gone, cfg.Consul.TTL)
 	}
 	// Still registered, only critical: the TTL did it, not a deregistration.
@@ -137,10 +142,10 @@ func TestConsulSetHealthy(t *testing.T) {
 	cfg.Consul.TTL = time.Minute // leaving must not wait for the TTL
 	d := startDirectory(t, cfg)
 	r, _ := register(t, cfg, testNode("node-a", 7001))
-	waitSnapshot(t, d, 2*time.Second, "node-a visible", has("node-a"))
+	waitSnapshot(t, d, 5*time.Second, "node-a visible", has("node-a"))
 
 	r.SetHealthy(false)
-	waitSnapshot(t, d, 2*time.Second, "node-a gone while unhealthy", hasNot("node-a"))
+	waitSnapshot(t, d, 5*time.Second, "node-a gone while unhealthy", hasNot("node-a"))
 	checks, err := rawClient(t, a).Agent().Checks()
 	if err != nil {
 		t.Fatal(err)
@@ -149,7 +154,7 @@ func TestConsulSetHealthy(t *testing.T) {
 		t.Errorf("check of node-a = %+v, want critical", c)
 	}
 	r.SetHealthy(true)
-	waitSnapshot(t, d, 2*time.Second, "node-a back when healthy", has("node-a"))
+	waitSnapshot(t, d, 5*time.Second, "node-a back when healthy", has("node-a"))
 }
 
 func TestConsulNodeStartsUnhealthy(t *testing.T) {
@@ -162,12 +167,12 @@ func TestConsulNodeStartsUnhealthy(t *testing.T) {
 	}
 	runBG(t, r.Run)
 	register(t, cfg, testNode("node-b", 7002))
-	s := waitSnapshot(t, d, 2*time.Second, "node-b visible", has("node-b"))
+	s := waitSnapshot(t, d, 5*time.Second, "node-b visible", has("node-b"))
 	if _, ok := s.Lookup("node-a"); ok {
 		t.Errorf("node-a is in the snapshot before SetHealthy(true)")
 	}
 	r.SetHealthy(true)
-	waitSnapshot(t, d, 2*time.Second, "node-a visible", has("node-a"))
+	waitSnapshot(t, d, 5*time.Second, "node-a visible", has("node-a"))
 }
 
 func TestConsulAgentRestartLosesNothing(t *testing.T) {
@@ -176,7 +181,7 @@ func TestConsulAgentRestartLosesNothing(t *testing.T) {
 	cfg.Consul.TTL = 3 * time.Second
 	d := startDirectory(t, cfg)
 	register(t, cfg, testNode("node-a", 7001))
-	waitSnapshot(t, d, 2*time.Second, "node-a visible", has("node-a"))
+	waitSnapshot(t, d, 5*time.Second, "node-a visible", has("node-a"))
 
 	a.Stop()
 	s := waitSnapshot(t, d, 10*time.Second, "stale snapshot keeping node-a", func(s *Snapshot) bool {
@@ -218,7 +223,7 @@ func TestConsulUpdateRateLimited(t *testing.T) {
 	d := startDirectory(t, cfg)
 	n := testNode("node-a", 7001)
 	r, _ := register(t, cfg, n)
-	waitSnapshot(t, d, 2*time.Second, "node-a visible", has("node-a"))
+	waitSnapshot(t, d, 5*time.Second, "node-a visible", has("node-a"))
 	registers := r.cc.byKind[reqRegister].Load()
 
 	for slots := 5; slots <= 9; slots++ {
@@ -232,7 +237,7 @@ func TestConsulUpdateRateLimited(t *testing.T) {
 	if err := r.Update(n); err != nil {
 		t.Fatal(err)
 	}
-	s := waitSnapshot(t, d, 2*time.Second, "cordon published", func(s *Snapshot) bool {
+	s := waitSnapshot(t, d, 5*time.Second, "cordon published", func(s *Snapshot) bool {
 		p, ok := s.Lookup("node-a")
 		return ok && p.Cordoned
 	})
@@ -266,7 +271,7 @@ func TestConsulPeerWithBadMetaLeftOut(t *testing.T) {
 		}
 	}
 	register(t, cfg, testNode("node-a", 7001))
-	s := waitSnapshot(t, d, 2*time.Second, "node-a and newer-keys visible", func(s *Snapshot) bool {
+	s := waitSnapshot(t, d, 5*time.Second, "node-a and newer-keys visible", func(s *Snapshot) bool {
 		return has("node-a")(s) && has("newer-keys")(s)
 	})
 	if got := peerIDs(s); !reflect.DeepEqual(got, []NodeID{"newer-keys", "node-a"}) {
@@ -299,7 +304,7 @@ func TestConsulWrongACLToken(t *testing.T) {
 	// The right token works against the same agent.
 	good := consulConfig(a)
 	register(t, good, testNode("node-b", 7002))
-	waitSnapshot(t, startDirectory(t, good), 2*time.Second, "node-b visible with the right token", has("node-b"))
+	waitSnapshot(t, startDirectory(t, good), 5*time.Second, "node-b visible with the right token", has("node-b"))
 }
 
 func TestConsulUnreachableAddress(t *testing.T) {
@@ -319,4 +324,25 @@ func TestConsulUnreachableAddress(t *testing.T) {
 	if err := r.Deregister(context.Background()); err == nil {
 		t.Errorf("Deregister against an unreachable agent: nil error")
 	}
+}
+
+func TestConsulTLS(t *testing.T) {
+	a := consultest.StartWith(t, consultest.Options{TLS: true})
+	cfg := consulConfig(a)
+	cfg.Consul.Address = "https://" + a.HTTPSAddr
+	cfg.Consul.TLS.CAFile = a.CAFile
+
+	d := startDirectory(t, cfg)
+	register(t, cfg, testNode("node-a", 7001))
+	waitSnapshot(t, d, 5*time.Second, "node-a visible over TLS", has("node-a"))
+
+	noCA := cfg
+	noCA.Consul.TLS.CAFile = ""
+	err := newRegistrar(t, noCA).Register(context.Background(), testNode("node-b", 7002))
+	wantErr(t, err, ErrUnavailable, "discovery.consul.tls.ca_file")
+
+	badCA := cfg
+	badCA.Consul.TLS.CAFile = t.TempDir() + "/missing.pem"
+	err = newRegistrar(t, badCA).Register(context.Background(), testNode("node-b", 7002))
+	wantErr(t, err, ErrBadConfig, "discovery.consul.tls")
 }

@@ -246,7 +246,12 @@ func TestRegistrarPlan(t *testing.T) {
 		{"nothing registered", func() regState { return regState{} }, 0, actNone, time.Hour},
 		{"deregistered", func() regState { s := registered(); s.deregistered = true; return s }, 0, actNone, time.Hour},
 		{"not yet registered", func() regState { s := registered(); s.registered = false; return s }, 0, actRegister, 0},
-		{"backing off", func() regState { s := registered(); s.registered = false; s.retryAt = t0.Add(3 * time.Second); return s }, time.Second, actNone, 2 * time.Second},
+		{"backing off", func() regState {
+			s := registered()
+			s.registered = false
+			s.retryAt = t0.Add(3 * time.Second)
+			return s
+		}, time.Second, actNone, 2 * time.Second},
 		{"refresh not due", registered, 2 * time.Second, actNone, 3 * time.Second},
 		{"refresh due at ttl/3", registered, 5 * time.Second, actSetCheck, 0},
 		{"unhealthy: no refresh", func() regState { s := registered(); s.healthy = false; return s }, time.Minute, actNone, time.Hour},
