@@ -225,8 +225,9 @@ func (p *Pool) superviseSlot(ctx context.Context, s *slot) {
 			}
 		}
 		select {
-		case <-pr.w.Done():
+		case <-pr.w.Exited():
 			p.retire(pr)
+			<-pr.w.Done()
 			lived := time.Since(pr.w.Started())
 			delay := p.crashed(s, pr)
 			if lived > restartBackoffReset {
@@ -300,7 +301,7 @@ func (p *Pool) drainAndStop(ctx context.Context, old *proc) {
 	defer t.Stop()
 	select {
 	case <-old.idle:
-	case <-old.w.Done():
+	case <-old.w.Exited():
 	case <-t.C:
 		p.log.Warn().Uint64("worker_id", uint64(old.w.ID())).Uint64("generation", uint64(old.w.Generation())).
 			Dur("recycle_drain_timeout", p.cfg.RecycleDrainTimeout).Msg("recycled worker still busy; stopping it")

@@ -194,6 +194,7 @@ type Worker struct {
 	stopping  atomic.Bool // the daemon asked it to stop
 	lastPong  atomic.Int64
 	ready     chan struct{}
+	exited    chan struct{}
 	done      chan struct{}
 	readDone  chan struct{}
 	startErr  error // guarded by mu
@@ -215,6 +216,7 @@ func Start(ctx context.Context, spec Spec) (*Worker, error) {
 		log:      spec.Logger.With().Str("pool", spec.Pool).Uint64("worker_id", uint64(spec.ID)).Uint64("generation", uint64(spec.Generation)).Logger(),
 		pending:  make(map[uint64]*pending),
 		ready:    make(chan struct{}),
+		exited:   make(chan struct{}),
 		done:     make(chan struct{}),
 		readDone: make(chan struct{}),
 	}
@@ -385,6 +387,11 @@ func (w *Worker) StderrTail() []string {
 // wait reaps the process and fails what was in flight.
 func (w *Worker) wait() {
 	st, _ := w.cmd.Process.Wait()
+	// No new calls from now on; the pool stops choosing this worker.
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+	close(w.exited)
 	// Give the output relays a moment to drain the last lines, which
 	// explain most crashes; a grandchild holding the pipes open must not
 	// delay the failure of the calls in flight.
@@ -570,14 +577,10 @@ func (w *Worker) Call(ctx context.Context, c *Call) ([]byte, error) {
 	p := pendingPool.Get().(*pending)
 	w.mu.Lock()
 	if w.closed {
-		err := w.exitErr
 		w.mu.Unlock()
 		pendingPool.Put(p)
 		w.release()
-		if err == nil {
-			err = ErrNotReady
-		}
-		return nil, err
+		return nil, w.deathErr()
 	}
 	w.nextID++
 	id := w.nextID
@@ -606,13 +609,14 @@ func (w *Worker) Call(ctx context.Context, c *Call) ([]byte, error) {
 		bufPool.Put(bp)
 	}
 	if err != nil {
+		// The socket only fails when the process is gone or going: answer
+		// with how it ended.
 		if w.forget(id) {
 			pendingPool.Put(p)
 			w.release()
-			return nil, fmt.Errorf("send call to worker %d generation %d: %w", w.spec.ID, w.spec.Generation, err)
+			return nil, w.deathErr()
 		}
-		// The process died and wait() answered the call already.
-		r := <-p.ch
+		r := <-p.ch // wait() answered the call already
 		pendingPool.Put(p)
 		return nil, r.err
 	}
@@ -635,6 +639,26 @@ func (w *Worker) Call(ctx context.Context, c *Call) ([]byte, error) {
 		}
 		return nil, ctx.Err()
 	}
+}
+
+// deathErr waits (briefly) for the process to be gone and returns how it
+// ended; a worker that is stopping but not yet gone answers ErrNotReady.
+func (w *Worker) deathErr() error {
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	select {
+	case <-w.done:
+	case <-t.C:
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if w.exitErr != nil {
+			return w.exitErr
+		}
+		return ErrNotReady
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.exitErr
 }
 
 // forget drops a pending call that was never answered; it reports whether the
@@ -710,6 +734,10 @@ func (w *Worker) Stop(grace time.Duration) {
 func (w *Worker) Kill() {
 	_ = killGroup(w.pid, syscall.SIGKILL)
 }
+
+// Exited is closed as soon as the process has exited, before its last
+// output is drained and its calls are failed (then Done closes).
+func (w *Worker) Exited() <-chan struct{} { return w.exited }
 
 // Done is closed once the process has exited and its calls were failed.
 func (w *Worker) Done() <-chan struct{} { return w.done }

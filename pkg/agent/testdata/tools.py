@@ -80,3 +80,65 @@ def big(n: int) -> str:
 @tool
 def pid() -> int:
     return os.getpid()
+
+
+@tool
+def gil_sleep(seconds: int) -> None:
+    """Sleep in C while holding the GIL: the worker cannot answer anything."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(seconds))
+
+
+@tool
+def compute(seconds: float) -> int:
+    """Busy pure-Python loop; the GIL still switches between threads."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+_hoard = []
+
+
+@tool
+def leak(mb: int) -> int:
+    """Keep mb MiB more, on purpose."""
+    _hoard.append(b"x" * (mb << 20))
+    return len(_hoard)
+
+
+@tool
+def stubborn(seconds: float) -> float:
+    """Ignore cancellation."""
+    time.sleep(seconds)
+    return seconds
+
+
+@tool
+def env(name: str):
+    return os.environ.get(name)
+
+
+@tool
+def prefix() -> str:
+    return sys.prefix
+
+
+@tool
+def spawn_sleeper() -> int:
+    """Start a grandchild process that outlives this call."""
+    import subprocess
+
+    return subprocess.Popen(["sleep", "300"]).pid
+
+
+@tool
+def ignore_term() -> int:
+    """Make this worker ignore SIGTERM."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return os.getpid()
