@@ -80,6 +80,16 @@ const (
 	// DefaultTaintCooldown is how long a tainted slot waits before its next
 	// restart.
 	DefaultTaintCooldown = time.Minute
+
+	// DefaultSessionIdleTimeout is how long a session lives without calls.
+	DefaultSessionIdleTimeout = 30 * time.Minute
+	// DefaultMaxSessionsPerWorker bounds the sessions bound to one worker.
+	DefaultMaxSessionsPerWorker = 1024
+	// DefaultMaxSessions bounds the sessions of the whole node.
+	DefaultMaxSessions = 65536
+	// DefaultStreamWindow is how many chunks of a stream may be in flight
+	// between a Python generator and the client before the generator waits.
+	DefaultStreamWindow = 32
 )
 
 // Config is the configuration of a node. DefaultConfig returns it filled
@@ -102,6 +112,8 @@ type Config struct {
 	StartConcurrency int `mapstructure:"start_concurrency"`
 	// MonitorInterval is how often workers' age and memory are checked.
 	MonitorInterval time.Duration `mapstructure:"monitor_interval"`
+	// MaxSessions bounds the sessions of the node, all pools together.
+	MaxSessions int `mapstructure:"max_sessions"`
 	// Pools are the worker pools; the first one is the default pool. Empty
 	// means one pool named DefaultPoolName serving DefaultAdapter.
 	Pools []PoolConfig `mapstructure:"pools"`
@@ -175,6 +187,13 @@ type PoolConfig struct {
 	RestartBudget int           `mapstructure:"restart_budget"`
 	RestartWindow time.Duration `mapstructure:"restart_window"`
 	TaintCooldown time.Duration `mapstructure:"taint_cooldown"`
+	// SessionIdleTimeout ends a session that had no call for this long.
+	SessionIdleTimeout time.Duration `mapstructure:"session_idle_timeout"`
+	// MaxSessionsPerWorker bounds the sessions bound to one worker.
+	MaxSessionsPerWorker int `mapstructure:"max_sessions_per_worker"`
+	// StreamWindow is how many chunks of a stream may be in flight between
+	// the generator and the client; a slow client makes the generator wait.
+	StreamWindow int `mapstructure:"stream_window"`
 }
 
 // DefaultConfig returns the configuration a node runs with when nothing is
@@ -186,6 +205,7 @@ func DefaultConfig() Config {
 		ShutdownGrace:    DefaultShutdownGrace,
 		StartConcurrency: DefaultStartConcurrency,
 		MonitorInterval:  DefaultMonitorInterval,
+		MaxSessions:      DefaultMaxSessions,
 	}
 }
 
@@ -212,6 +232,10 @@ func DefaultPool(name, adapter string) PoolConfig {
 		RestartBudget:       DefaultRestartBudget,
 		RestartWindow:       DefaultRestartWindow,
 		TaintCooldown:       DefaultTaintCooldown,
+
+		SessionIdleTimeout:   DefaultSessionIdleTimeout,
+		MaxSessionsPerWorker: DefaultMaxSessionsPerWorker,
+		StreamWindow:         DefaultStreamWindow,
 	}
 }
 
@@ -255,6 +279,9 @@ func (c Config) withDefaults() Config {
 	if c.MonitorInterval == 0 {
 		c.MonitorInterval = d.MonitorInterval
 	}
+	if c.MaxSessions == 0 {
+		c.MaxSessions = d.MaxSessions
+	}
 	if c.StartConcurrency == 0 {
 		c.StartConcurrency = min(d.StartConcurrency, 4*runtime.NumCPU())
 	}
@@ -295,6 +322,13 @@ func (p PoolConfig) withDefaults() PoolConfig {
 	setDur(&p.TaintCooldown, d.TaintCooldown)
 	if p.RestartBudget == 0 {
 		p.RestartBudget = d.RestartBudget
+	}
+	setDur(&p.SessionIdleTimeout, d.SessionIdleTimeout)
+	if p.MaxSessionsPerWorker == 0 {
+		p.MaxSessionsPerWorker = d.MaxSessionsPerWorker
+	}
+	if p.StreamWindow == 0 {
+		p.StreamWindow = d.StreamWindow
 	}
 	if p.Size == 0 {
 		p.Size = d.Size
@@ -342,6 +376,9 @@ func (c Config) Validate() error {
 	if c.ShutdownGrace < 0 {
 		bad("shutdown_grace must not be negative (got %s)", c.ShutdownGrace)
 	}
+	if c.MaxSessions < 0 {
+		bad("max_sessions must not be negative (got %d)", c.MaxSessions)
+	}
 	if c.MonitorInterval < 0 {
 		bad("monitor_interval must not be negative (got %s)", c.MonitorInterval)
 	}
@@ -375,8 +412,8 @@ func (c Config) Validate() error {
 		if p.MinReady < 0 || p.MinReady > p.Size {
 			bad("%s.min_ready must be between 1 and size %d (got %d)", key, p.Size, p.MinReady)
 		}
-		if p.MaxCalls < 0 || p.MaxMemoryMB < 0 || p.RestartBudget < 0 {
-			bad("%s: max_calls, max_memory_mb and restart_budget must not be negative", key)
+		if p.MaxCalls < 0 || p.MaxMemoryMB < 0 || p.RestartBudget < 0 || p.MaxSessionsPerWorker < 0 || p.StreamWindow < 0 {
+			bad("%s: max_calls, max_memory_mb, restart_budget, max_sessions_per_worker and stream_window must not be negative", key)
 		}
 		if p.HeartbeatTimeout > 0 && p.HeartbeatTimeout <= p.HeartbeatInterval {
 			bad("%s.heartbeat_timeout (%s) must be longer than heartbeat_interval (%s)", key, p.HeartbeatTimeout, p.HeartbeatInterval)
@@ -390,7 +427,8 @@ func (c Config) Validate() error {
 		}{{"queue_max_wait", p.QueueMaxWait}, {"call_timeout", p.CallTimeout}, {"start_timeout", p.StartTimeout}, {"stop_grace", p.StopGrace},
 			{"max_age", p.MaxAge}, {"recycle_drain_timeout", p.RecycleDrainTimeout}, {"heartbeat_interval", p.HeartbeatInterval},
 			{"heartbeat_timeout", p.HeartbeatTimeout}, {"cancel_grace", p.CancelGrace}, {"restart_backoff_min", p.RestartBackoffMin},
-			{"restart_backoff_max", p.RestartBackoffMax}, {"restart_window", p.RestartWindow}, {"taint_cooldown", p.TaintCooldown}} {
+			{"restart_backoff_max", p.RestartBackoffMax}, {"restart_window", p.RestartWindow}, {"taint_cooldown", p.TaintCooldown},
+			{"session_idle_timeout", p.SessionIdleTimeout}} {
 			if d.v < 0 {
 				bad("%s.%s must not be negative (got %s)", key, d.name, d.v)
 			}

@@ -77,7 +77,8 @@ func (s *service) Status(context.Context, *snakepitv1.StatusRequest) (*snakepitv
 		}
 		for _, w := range p.Workers {
 			ws := &snakepitv1.WorkerStatus{Id: uint64(w.ID), Generation: uint64(w.Generation), Pid: int32(w.PID), State: w.State,
-				InFlight: uint32(w.InFlight), Capacity: uint32(w.Capacity), Served: w.Served}
+				InFlight: uint32(w.InFlight), Capacity: uint32(w.Capacity), Served: w.Served,
+				GpuUuids: w.GPUs, Sessions: uint32(w.Sessions)}
 			if !w.Started.IsZero() {
 				ws.Started = timestamppb.New(w.Started)
 			}

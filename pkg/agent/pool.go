@@ -102,6 +102,10 @@ type Pool struct {
 	node *Node
 	log  zerolog.Logger
 	env  []string
+	// gpus[i] lists the GPU UUIDs worker slot i may use (it becomes the
+	// worker's CUDA_VISIBLE_DEVICES); nil when the pool uses no GPU. Set
+	// before run and never changed.
+	gpus [][]string
 	wg   sync.WaitGroup // supervisors, drains and exit watchers
 
 	mu      sync.Mutex
@@ -184,6 +188,16 @@ func (p *Pool) environment(runtimeDir string) []string {
 		out = append(out, k+"="+env[k])
 	}
 	return out
+}
+
+// slotEnv is the environment of slot id's workers: the pool's, and the
+// slot's GPUs.
+func (p *Pool) slotEnv(id worker.ID) []string {
+	if int(id) >= len(p.gpus) || p.gpus[id] == nil {
+		return p.env
+	}
+	v := strings.Join(p.gpus[id], ",")
+	return append(slices.Clip(p.env), "CUDA_VISIBLE_DEVICES="+v, "NVIDIA_VISIBLE_DEVICES="+v)
 }
 
 // run supervises every slot of the pool until ctx is done, then stops the
@@ -434,7 +448,7 @@ func (p *Pool) startProc(ctx context.Context, s *slot) (*proc, error) {
 		Python:            p.cfg.Python,
 		Adapter:           p.cfg.Adapter,
 		Capacity:          p.cfg.Capacity,
-		Env:               p.env,
+		Env:               p.slotEnv(s.id),
 		Dir:               p.cfg.Dir,
 		MaxFrame:          p.node.cfg.MaxMessageBytes + 64<<10,
 		MaxResult:         p.node.cfg.MaxMessageBytes - responseOverhead,
@@ -816,24 +830,24 @@ func (p *Pool) inFlight() (busy, queued int) {
 
 // PoolStatus is a snapshot of a pool.
 type PoolStatus struct {
-	Name         string
-	State        PoolState
-	Reason       string
-	Adapter      string
-	Size         int
-	Capacity     int
-	Ready        int
-	Busy         int
-	Queued       int
-	QueueDepth   int
-	Served       uint64
-	Errors       uint64
-	Rejected     uint64
-	P50, P90     time.Duration
-	P99, Max     time.Duration
-	Workers  []WorkerStatus
-	Tools    []worker.Tool
-	Restarts map[string]uint64
+	Name       string
+	State      PoolState
+	Reason     string
+	Adapter    string
+	Size       int
+	Capacity   int
+	Ready      int
+	Busy       int
+	Queued     int
+	QueueDepth int
+	Served     uint64
+	Errors     uint64
+	Rejected   uint64
+	P50, P90   time.Duration
+	P99, Max   time.Duration
+	Workers    []WorkerStatus
+	Tools      []worker.Tool
+	Restarts   map[string]uint64
 	// Tainted is true while a worker is in its cool-down after crashing
 	// past the restart budget.
 	Tainted bool
@@ -849,6 +863,8 @@ type WorkerStatus struct {
 	Capacity   int
 	Served     uint64
 	Started    time.Time
+	GPUs       []string
+	Sessions   int
 }
 
 func (p *Pool) status() PoolStatus {
@@ -871,6 +887,9 @@ func (p *Pool) status() PoolStatus {
 	}
 	for _, s := range p.slots {
 		ws := WorkerStatus{ID: s.id, Capacity: p.cfg.Capacity, State: "starting"}
+		if int(s.id) < len(p.gpus) {
+			ws.GPUs = p.gpus[s.id]
+		}
 		if pr := s.cur; pr != nil {
 			ws.Generation = pr.w.Generation()
 			ws.PID = pr.w.PID()

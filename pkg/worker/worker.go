@@ -176,9 +176,9 @@ type Worker struct {
 	started time.Time
 	// startTicks is the process start time from /proc (see ProcStat).
 	startTicks uint64
-	conn    net.Conn // calls and their results
-	ctl     net.Conn // heartbeats and cancellations
-	hello   Hello
+	conn       net.Conn // calls and their results
+	ctl        net.Conn // heartbeats and cancellations
+	hello      Hello
 
 	wmu   sync.Mutex // serialises writes to conn
 	ctlMu sync.Mutex // serialises writes to ctl

@@ -84,6 +84,70 @@ func (Affinity) EnumDescriptor() ([]byte, []int) {
 	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{0}
 }
 
+// SessionOutcome says what a call of a session found of its state.
+type SessionOutcome int32
+
+const (
+	// SESSION_OUTCOME_UNSPECIFIED: the call had no session.
+	SessionOutcome_SESSION_OUTCOME_UNSPECIFIED SessionOutcome = 0
+	// SESSION_OUTCOME_NEW: the session was bound to a worker by this call.
+	SessionOutcome_SESSION_OUTCOME_NEW SessionOutcome = 1
+	// SESSION_OUTCOME_BOUND: the call ran on the session's worker; its state
+	// was there.
+	SessionOutcome_SESSION_OUTCOME_BOUND SessionOutcome = 2
+	// SESSION_OUTCOME_UNAVAILABLE: hint mode ran the call on another worker
+	// because the session's was busy; the session's state was not there.
+	SessionOutcome_SESSION_OUTCOME_UNAVAILABLE SessionOutcome = 3
+	// SESSION_OUTCOME_RESET: the session's worker was gone (crashed,
+	// recycled): its state is lost and the session is bound afresh.
+	SessionOutcome_SESSION_OUTCOME_RESET SessionOutcome = 4
+)
+
+// Enum value maps for SessionOutcome.
+var (
+	SessionOutcome_name = map[int32]string{
+		0: "SESSION_OUTCOME_UNSPECIFIED",
+		1: "SESSION_OUTCOME_NEW",
+		2: "SESSION_OUTCOME_BOUND",
+		3: "SESSION_OUTCOME_UNAVAILABLE",
+		4: "SESSION_OUTCOME_RESET",
+	}
+	SessionOutcome_value = map[string]int32{
+		"SESSION_OUTCOME_UNSPECIFIED": 0,
+		"SESSION_OUTCOME_NEW":         1,
+		"SESSION_OUTCOME_BOUND":       2,
+		"SESSION_OUTCOME_UNAVAILABLE": 3,
+		"SESSION_OUTCOME_RESET":       4,
+	}
+)
+
+func (x SessionOutcome) Enum() *SessionOutcome {
+	p := new(SessionOutcome)
+	*p = x
+	return p
+}
+
+func (x SessionOutcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SessionOutcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_snakepit_v1_snakepit_proto_enumTypes[1].Descriptor()
+}
+
+func (SessionOutcome) Type() protoreflect.EnumType {
+	return &file_snakepit_v1_snakepit_proto_enumTypes[1]
+}
+
+func (x SessionOutcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SessionOutcome.Descriptor instead.
+func (SessionOutcome) EnumDescriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{1}
+}
+
 type PoolState int32
 
 const (
@@ -131,11 +195,11 @@ func (x PoolState) String() string {
 }
 
 func (PoolState) Descriptor() protoreflect.EnumDescriptor {
-	return file_snakepit_v1_snakepit_proto_enumTypes[1].Descriptor()
+	return file_snakepit_v1_snakepit_proto_enumTypes[2].Descriptor()
 }
 
 func (PoolState) Type() protoreflect.EnumType {
-	return &file_snakepit_v1_snakepit_proto_enumTypes[1]
+	return &file_snakepit_v1_snakepit_proto_enumTypes[2]
 }
 
 func (x PoolState) Number() protoreflect.EnumNumber {
@@ -144,7 +208,7 @@ func (x PoolState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use PoolState.Descriptor instead.
 func (PoolState) EnumDescriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{1}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{2}
 }
 
 type ExecuteRequest struct {
@@ -165,7 +229,9 @@ type ExecuteRequest struct {
 	// call whose fate is unknown retried.
 	Idempotent bool `protobuf:"varint,6,opt,name=idempotent,proto3" json:"idempotent,omitempty"`
 	// affinity applies to calls with a session_id.
-	Affinity      Affinity `protobuf:"varint,7,opt,name=affinity,proto3,enum=snakepit.v1.Affinity" json:"affinity,omitempty"`
+	Affinity Affinity `protobuf:"varint,7,opt,name=affinity,proto3,enum=snakepit.v1.Affinity" json:"affinity,omitempty"`
+	// constraints limit which nodes may run the call.
+	Constraints   *Constraints `protobuf:"bytes,8,opt,name=constraints,proto3" json:"constraints,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -249,6 +315,86 @@ func (x *ExecuteRequest) GetAffinity() Affinity {
 	return Affinity_AFFINITY_UNSPECIFIED
 }
 
+func (x *ExecuteRequest) GetConstraints() *Constraints {
+	if x != nil {
+		return x.Constraints
+	}
+	return nil
+}
+
+// Constraints say what a node must offer to run a call.
+type Constraints struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// gpu requires a node with at least one GPU.
+	Gpu bool `protobuf:"varint,1,opt,name=gpu,proto3" json:"gpu,omitempty"`
+	// min_gpu_memory_bytes requires a GPU with at least this much memory.
+	MinGpuMemoryBytes uint64 `protobuf:"varint,2,opt,name=min_gpu_memory_bytes,json=minGpuMemoryBytes,proto3" json:"min_gpu_memory_bytes,omitempty"`
+	// gpu_model requires a GPU whose model name contains this string.
+	GpuModel string `protobuf:"bytes,3,opt,name=gpu_model,json=gpuModel,proto3" json:"gpu_model,omitempty"`
+	// labels must all be present on the node with these values.
+	Labels        map[string]string `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Constraints) Reset() {
+	*x = Constraints{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Constraints) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Constraints) ProtoMessage() {}
+
+func (x *Constraints) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Constraints.ProtoReflect.Descriptor instead.
+func (*Constraints) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Constraints) GetGpu() bool {
+	if x != nil {
+		return x.Gpu
+	}
+	return false
+}
+
+func (x *Constraints) GetMinGpuMemoryBytes() uint64 {
+	if x != nil {
+		return x.MinGpuMemoryBytes
+	}
+	return 0
+}
+
+func (x *Constraints) GetGpuModel() string {
+	if x != nil {
+		return x.GpuModel
+	}
+	return ""
+}
+
+func (x *Constraints) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
 // Placement says where a call ran.
 type Placement struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -264,7 +410,7 @@ type Placement struct {
 
 func (x *Placement) Reset() {
 	*x = Placement{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[1]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -276,7 +422,7 @@ func (x *Placement) String() string {
 func (*Placement) ProtoMessage() {}
 
 func (x *Placement) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[1]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -289,7 +435,7 @@ func (x *Placement) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Placement.ProtoReflect.Descriptor instead.
 func (*Placement) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{1}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Placement) GetNodeId() string {
@@ -327,16 +473,18 @@ type ExecuteResponse struct {
 	RanOn  *Placement `protobuf:"bytes,2,opt,name=ran_on,json=ranOn,proto3" json:"ran_on,omitempty"`
 	// queued is the time the call waited for a worker; ran is the time from
 	// handing it to the worker to its result.
-	Queued        *durationpb.Duration `protobuf:"bytes,3,opt,name=queued,proto3" json:"queued,omitempty"`
-	Ran           *durationpb.Duration `protobuf:"bytes,4,opt,name=ran,proto3" json:"ran,omitempty"`
-	RequestId     string               `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Queued    *durationpb.Duration `protobuf:"bytes,3,opt,name=queued,proto3" json:"queued,omitempty"`
+	Ran       *durationpb.Duration `protobuf:"bytes,4,opt,name=ran,proto3" json:"ran,omitempty"`
+	RequestId string               `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// session says what the call found of its session's state.
+	Session       SessionOutcome `protobuf:"varint,6,opt,name=session,proto3,enum=snakepit.v1.SessionOutcome" json:"session,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExecuteResponse) Reset() {
 	*x = ExecuteResponse{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[2]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -348,7 +496,7 @@ func (x *ExecuteResponse) String() string {
 func (*ExecuteResponse) ProtoMessage() {}
 
 func (x *ExecuteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[2]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -361,7 +509,7 @@ func (x *ExecuteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecuteResponse.ProtoReflect.Descriptor instead.
 func (*ExecuteResponse) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{2}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ExecuteResponse) GetResult() []byte {
@@ -399,6 +547,683 @@ func (x *ExecuteResponse) GetRequestId() string {
 	return ""
 }
 
+func (x *ExecuteResponse) GetSession() SessionOutcome {
+	if x != nil {
+		return x.Session
+	}
+	return SessionOutcome_SESSION_OUTCOME_UNSPECIFIED
+}
+
+type ExecuteStreamResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*ExecuteStreamResponse_Chunk
+	//	*ExecuteStreamResponse_Done
+	Msg           isExecuteStreamResponse_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecuteStreamResponse) Reset() {
+	*x = ExecuteStreamResponse{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecuteStreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecuteStreamResponse) ProtoMessage() {}
+
+func (x *ExecuteStreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecuteStreamResponse.ProtoReflect.Descriptor instead.
+func (*ExecuteStreamResponse) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ExecuteStreamResponse) GetMsg() isExecuteStreamResponse_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *ExecuteStreamResponse) GetChunk() *Chunk {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecuteStreamResponse_Chunk); ok {
+			return x.Chunk
+		}
+	}
+	return nil
+}
+
+func (x *ExecuteStreamResponse) GetDone() *ExecuteResponse {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecuteStreamResponse_Done); ok {
+			return x.Done
+		}
+	}
+	return nil
+}
+
+type isExecuteStreamResponse_Msg interface {
+	isExecuteStreamResponse_Msg()
+}
+
+type ExecuteStreamResponse_Chunk struct {
+	// chunk is one item the tool yielded.
+	Chunk *Chunk `protobuf:"bytes,1,opt,name=chunk,proto3,oneof"`
+}
+
+type ExecuteStreamResponse_Done struct {
+	// done is the last message: where the call ran, its timings, and the
+	// value the generator returned (if any) as result.
+	Done *ExecuteResponse `protobuf:"bytes,2,opt,name=done,proto3,oneof"`
+}
+
+func (*ExecuteStreamResponse_Chunk) isExecuteStreamResponse_Msg() {}
+
+func (*ExecuteStreamResponse_Done) isExecuteStreamResponse_Msg() {}
+
+type Chunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// data is the item encoded as JSON.
+	Data []byte `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	// seq numbers the chunks of a call from 0.
+	Seq           uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Chunk) Reset() {
+	*x = Chunk{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Chunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Chunk) ProtoMessage() {}
+
+func (x *Chunk) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Chunk.ProtoReflect.Descriptor instead.
+func (*Chunk) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Chunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *Chunk) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+type CloseSessionRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// pool is empty for the default pool.
+	Pool          string `protobuf:"bytes,2,opt,name=pool,proto3" json:"pool,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseSessionRequest) Reset() {
+	*x = CloseSessionRequest{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseSessionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseSessionRequest) ProtoMessage() {}
+
+func (x *CloseSessionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseSessionRequest.ProtoReflect.Descriptor instead.
+func (*CloseSessionRequest) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *CloseSessionRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *CloseSessionRequest) GetPool() string {
+	if x != nil {
+		return x.Pool
+	}
+	return ""
+}
+
+type CloseSessionResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// closed is false when the node had no such session.
+	Closed        bool `protobuf:"varint,1,opt,name=closed,proto3" json:"closed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseSessionResponse) Reset() {
+	*x = CloseSessionResponse{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseSessionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseSessionResponse) ProtoMessage() {}
+
+func (x *CloseSessionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseSessionResponse.ProtoReflect.Descriptor instead.
+func (*CloseSessionResponse) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *CloseSessionResponse) GetClosed() bool {
+	if x != nil {
+		return x.Closed
+	}
+	return false
+}
+
+type ListSessionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// pool limits the answer to one pool; empty lists every pool.
+	Pool          string `protobuf:"bytes,1,opt,name=pool,proto3" json:"pool,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSessionsRequest) Reset() {
+	*x = ListSessionsRequest{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSessionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSessionsRequest) ProtoMessage() {}
+
+func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
+func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ListSessionsRequest) GetPool() string {
+	if x != nil {
+		return x.Pool
+	}
+	return ""
+}
+
+type ListSessionsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sessions      []*Session             `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSessionsResponse) Reset() {
+	*x = ListSessionsResponse{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSessionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSessionsResponse) ProtoMessage() {}
+
+func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
+func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ListSessionsResponse) GetSessions() []*Session {
+	if x != nil {
+		return x.Sessions
+	}
+	return nil
+}
+
+type Session struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	SessionId        string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	Pool             string                 `protobuf:"bytes,2,opt,name=pool,proto3" json:"pool,omitempty"`
+	WorkerId         uint64                 `protobuf:"varint,3,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
+	WorkerGeneration uint64                 `protobuf:"varint,4,opt,name=worker_generation,json=workerGeneration,proto3" json:"worker_generation,omitempty"`
+	Age              *durationpb.Duration   `protobuf:"bytes,5,opt,name=age,proto3" json:"age,omitempty"`
+	Idle             *durationpb.Duration   `protobuf:"bytes,6,opt,name=idle,proto3" json:"idle,omitempty"`
+	Calls            uint64                 `protobuf:"varint,7,opt,name=calls,proto3" json:"calls,omitempty"`
+	// in_flight counts the session's calls running now.
+	InFlight      uint32 `protobuf:"varint,8,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Session) Reset() {
+	*x = Session{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Session) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Session) ProtoMessage() {}
+
+func (x *Session) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Session.ProtoReflect.Descriptor instead.
+func (*Session) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Session) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *Session) GetPool() string {
+	if x != nil {
+		return x.Pool
+	}
+	return ""
+}
+
+func (x *Session) GetWorkerId() uint64 {
+	if x != nil {
+		return x.WorkerId
+	}
+	return 0
+}
+
+func (x *Session) GetWorkerGeneration() uint64 {
+	if x != nil {
+		return x.WorkerGeneration
+	}
+	return 0
+}
+
+func (x *Session) GetAge() *durationpb.Duration {
+	if x != nil {
+		return x.Age
+	}
+	return nil
+}
+
+func (x *Session) GetIdle() *durationpb.Duration {
+	if x != nil {
+		return x.Idle
+	}
+	return nil
+}
+
+func (x *Session) GetCalls() uint64 {
+	if x != nil {
+		return x.Calls
+	}
+	return 0
+}
+
+func (x *Session) GetInFlight() uint32 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+type ListNodesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodesRequest) Reset() {
+	*x = ListNodesRequest{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodesRequest) ProtoMessage() {}
+
+func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
+func (*ListNodesRequest) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{11}
+}
+
+type ListNodesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Nodes []*Node                `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// snapshot_age is how old this node's view of the cluster is.
+	SnapshotAge *durationpb.Duration `protobuf:"bytes,2,opt,name=snapshot_age,json=snapshotAge,proto3" json:"snapshot_age,omitempty"`
+	// stale is true while the discovery backend is unreachable and the view
+	// is the last one known.
+	Stale bool `protobuf:"varint,3,opt,name=stale,proto3" json:"stale,omitempty"`
+	// discovery names the backend: "static" or "consul".
+	Discovery     string `protobuf:"bytes,4,opt,name=discovery,proto3" json:"discovery,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodesResponse) Reset() {
+	*x = ListNodesResponse{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodesResponse) ProtoMessage() {}
+
+func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
+func (*ListNodesResponse) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ListNodesResponse) GetNodes() []*Node {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *ListNodesResponse) GetSnapshotAge() *durationpb.Duration {
+	if x != nil {
+		return x.SnapshotAge
+	}
+	return nil
+}
+
+func (x *ListNodesResponse) GetStale() bool {
+	if x != nil {
+		return x.Stale
+	}
+	return false
+}
+
+func (x *ListNodesResponse) GetDiscovery() string {
+	if x != nil {
+		return x.Discovery
+	}
+	return ""
+}
+
+// Node is one node as the cluster sees it.
+type Node struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Address  string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Healthy  bool                   `protobuf:"varint,3,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Cordoned bool                   `protobuf:"varint,4,opt,name=cordoned,proto3" json:"cordoned,omitempty"`
+	Draining bool                   `protobuf:"varint,5,opt,name=draining,proto3" json:"draining,omitempty"`
+	Version  string                 `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	// pools maps each pool to its worker slots (workers x capacity).
+	Pools          map[string]uint32 `protobuf:"bytes,7,rep,name=pools,proto3" json:"pools,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	GpuCount       uint32            `protobuf:"varint,8,opt,name=gpu_count,json=gpuCount,proto3" json:"gpu_count,omitempty"`
+	GpuModels      []string          `protobuf:"bytes,9,rep,name=gpu_models,json=gpuModels,proto3" json:"gpu_models,omitempty"`
+	GpuMemoryBytes uint64            `protobuf:"varint,10,opt,name=gpu_memory_bytes,json=gpuMemoryBytes,proto3" json:"gpu_memory_bytes,omitempty"`
+	Labels         map[string]string `protobuf:"bytes,11,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// self is true for the node that answered.
+	Self          bool `protobuf:"varint,12,opt,name=self,proto3" json:"self,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Node) Reset() {
+	*x = Node{}
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Node) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Node) ProtoMessage() {}
+
+func (x *Node) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Node.ProtoReflect.Descriptor instead.
+func (*Node) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Node) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *Node) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Node) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *Node) GetCordoned() bool {
+	if x != nil {
+		return x.Cordoned
+	}
+	return false
+}
+
+func (x *Node) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
+func (x *Node) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *Node) GetPools() map[string]uint32 {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
+}
+
+func (x *Node) GetGpuCount() uint32 {
+	if x != nil {
+		return x.GpuCount
+	}
+	return 0
+}
+
+func (x *Node) GetGpuModels() []string {
+	if x != nil {
+		return x.GpuModels
+	}
+	return nil
+}
+
+func (x *Node) GetGpuMemoryBytes() uint64 {
+	if x != nil {
+		return x.GpuMemoryBytes
+	}
+	return 0
+}
+
+func (x *Node) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *Node) GetSelf() bool {
+	if x != nil {
+		return x.Self
+	}
+	return false
+}
+
 type ListToolsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// pool limits the answer to one pool; empty lists every pool.
@@ -409,7 +1234,7 @@ type ListToolsRequest struct {
 
 func (x *ListToolsRequest) Reset() {
 	*x = ListToolsRequest{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[3]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -421,7 +1246,7 @@ func (x *ListToolsRequest) String() string {
 func (*ListToolsRequest) ProtoMessage() {}
 
 func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[3]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -434,7 +1259,7 @@ func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsRequest.ProtoReflect.Descriptor instead.
 func (*ListToolsRequest) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{3}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListToolsRequest) GetPool() string {
@@ -453,7 +1278,7 @@ type ListToolsResponse struct {
 
 func (x *ListToolsResponse) Reset() {
 	*x = ListToolsResponse{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[4]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -465,7 +1290,7 @@ func (x *ListToolsResponse) String() string {
 func (*ListToolsResponse) ProtoMessage() {}
 
 func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[4]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -478,7 +1303,7 @@ func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsResponse.ProtoReflect.Descriptor instead.
 func (*ListToolsResponse) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{4}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListToolsResponse) GetTools() []*Tool {
@@ -503,7 +1328,7 @@ type Tool struct {
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[5]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -515,7 +1340,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[5]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -528,7 +1353,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{5}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Tool) GetPool() string {
@@ -582,7 +1407,7 @@ type Parameter struct {
 
 func (x *Parameter) Reset() {
 	*x = Parameter{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[6]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -594,7 +1419,7 @@ func (x *Parameter) String() string {
 func (*Parameter) ProtoMessage() {}
 
 func (x *Parameter) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[6]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -607,7 +1432,7 @@ func (x *Parameter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Parameter.ProtoReflect.Descriptor instead.
 func (*Parameter) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{6}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Parameter) GetName() string {
@@ -646,7 +1471,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[7]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -658,7 +1483,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[7]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -671,7 +1496,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{7}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{18}
 }
 
 type StatusResponse struct {
@@ -686,7 +1511,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[8]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -698,7 +1523,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[8]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -711,7 +1536,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{8}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StatusResponse) GetNodeId() string {
@@ -767,7 +1592,7 @@ type PoolStatus struct {
 
 func (x *PoolStatus) Reset() {
 	*x = PoolStatus{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[9]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -779,7 +1604,7 @@ func (x *PoolStatus) String() string {
 func (*PoolStatus) ProtoMessage() {}
 
 func (x *PoolStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[9]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -792,7 +1617,7 @@ func (x *PoolStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolStatus.ProtoReflect.Descriptor instead.
 func (*PoolStatus) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{9}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PoolStatus) GetName() string {
@@ -914,7 +1739,7 @@ type Latency struct {
 
 func (x *Latency) Reset() {
 	*x = Latency{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[10]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -926,7 +1751,7 @@ func (x *Latency) String() string {
 func (*Latency) ProtoMessage() {}
 
 func (x *Latency) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[10]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -939,7 +1764,7 @@ func (x *Latency) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Latency.ProtoReflect.Descriptor instead.
 func (*Latency) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{10}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Latency) GetP50() *durationpb.Duration {
@@ -971,22 +1796,26 @@ func (x *Latency) GetMax() *durationpb.Duration {
 }
 
 type WorkerStatus struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Generation    uint64                 `protobuf:"varint,2,opt,name=generation,proto3" json:"generation,omitempty"`
-	Pid           int32                  `protobuf:"varint,3,opt,name=pid,proto3" json:"pid,omitempty"`
-	State         string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
-	InFlight      uint32                 `protobuf:"varint,5,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
-	Capacity      uint32                 `protobuf:"varint,6,opt,name=capacity,proto3" json:"capacity,omitempty"`
-	Served        uint64                 `protobuf:"varint,7,opt,name=served,proto3" json:"served,omitempty"`
-	Started       *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=started,proto3" json:"started,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Id         uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Generation uint64                 `protobuf:"varint,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	Pid        int32                  `protobuf:"varint,3,opt,name=pid,proto3" json:"pid,omitempty"`
+	State      string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
+	InFlight   uint32                 `protobuf:"varint,5,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	Capacity   uint32                 `protobuf:"varint,6,opt,name=capacity,proto3" json:"capacity,omitempty"`
+	Served     uint64                 `protobuf:"varint,7,opt,name=served,proto3" json:"served,omitempty"`
+	Started    *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=started,proto3" json:"started,omitempty"`
+	// gpu_uuids are the GPUs the worker may use (its CUDA_VISIBLE_DEVICES).
+	GpuUuids []string `protobuf:"bytes,9,rep,name=gpu_uuids,json=gpuUuids,proto3" json:"gpu_uuids,omitempty"`
+	// sessions counts the sessions bound to the worker.
+	Sessions      uint32 `protobuf:"varint,10,opt,name=sessions,proto3" json:"sessions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WorkerStatus) Reset() {
 	*x = WorkerStatus{}
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[11]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -998,7 +1827,7 @@ func (x *WorkerStatus) String() string {
 func (*WorkerStatus) ProtoMessage() {}
 
 func (x *WorkerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_snakepit_v1_snakepit_proto_msgTypes[11]
+	mi := &file_snakepit_v1_snakepit_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1011,7 +1840,7 @@ func (x *WorkerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkerStatus.ProtoReflect.Descriptor instead.
 func (*WorkerStatus) Descriptor() ([]byte, []int) {
-	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{11}
+	return file_snakepit_v1_snakepit_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WorkerStatus) GetId() uint64 {
@@ -1070,11 +1899,25 @@ func (x *WorkerStatus) GetStarted() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *WorkerStatus) GetGpuUuids() []string {
+	if x != nil {
+		return x.GpuUuids
+	}
+	return nil
+}
+
+func (x *WorkerStatus) GetSessions() uint32 {
+	if x != nil {
+		return x.Sessions
+	}
+	return 0
+}
+
 var File_snakepit_v1_snakepit_proto protoreflect.FileDescriptor
 
 const file_snakepit_v1_snakepit_proto_rawDesc = "" +
 	"\n" +
-	"\x1asnakepit/v1/snakepit.proto\x12\vsnakepit.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdd\x01\n" +
+	"\x1asnakepit/v1/snakepit.proto\x12\vsnakepit.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x02\n" +
 	"\x0eExecuteRequest\x12\x12\n" +
 	"\x04tool\x18\x01 \x01(\tR\x04tool\x12\x12\n" +
 	"\x04pool\x18\x02 \x01(\tR\x04pool\x12\x12\n" +
@@ -1086,19 +1929,84 @@ const file_snakepit_v1_snakepit_proto_rawDesc = "" +
 	"\n" +
 	"idempotent\x18\x06 \x01(\bR\n" +
 	"idempotent\x121\n" +
-	"\baffinity\x18\a \x01(\x0e2\x15.snakepit.v1.AffinityR\baffinity\"\x82\x01\n" +
+	"\baffinity\x18\a \x01(\x0e2\x15.snakepit.v1.AffinityR\baffinity\x12:\n" +
+	"\vconstraints\x18\b \x01(\v2\x18.snakepit.v1.ConstraintsR\vconstraints\"\xe6\x01\n" +
+	"\vConstraints\x12\x10\n" +
+	"\x03gpu\x18\x01 \x01(\bR\x03gpu\x12/\n" +
+	"\x14min_gpu_memory_bytes\x18\x02 \x01(\x04R\x11minGpuMemoryBytes\x12\x1b\n" +
+	"\tgpu_model\x18\x03 \x01(\tR\bgpuModel\x12<\n" +
+	"\x06labels\x18\x04 \x03(\v2$.snakepit.v1.Constraints.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x82\x01\n" +
 	"\tPlacement\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x12\n" +
 	"\x04pool\x18\x02 \x01(\tR\x04pool\x12\x1b\n" +
 	"\tworker_id\x18\x03 \x01(\x04R\bworkerId\x12+\n" +
-	"\x11worker_generation\x18\x04 \x01(\x04R\x10workerGeneration\"\xd7\x01\n" +
+	"\x11worker_generation\x18\x04 \x01(\x04R\x10workerGeneration\"\x8e\x02\n" +
 	"\x0fExecuteResponse\x12\x16\n" +
 	"\x06result\x18\x01 \x01(\fR\x06result\x12-\n" +
 	"\x06ran_on\x18\x02 \x01(\v2\x16.snakepit.v1.PlacementR\x05ranOn\x121\n" +
 	"\x06queued\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x06queued\x12+\n" +
 	"\x03ran\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03ran\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x05 \x01(\tR\trequestId\"&\n" +
+	"request_id\x18\x05 \x01(\tR\trequestId\x125\n" +
+	"\asession\x18\x06 \x01(\x0e2\x1b.snakepit.v1.SessionOutcomeR\asession\"~\n" +
+	"\x15ExecuteStreamResponse\x12*\n" +
+	"\x05chunk\x18\x01 \x01(\v2\x12.snakepit.v1.ChunkH\x00R\x05chunk\x122\n" +
+	"\x04done\x18\x02 \x01(\v2\x1c.snakepit.v1.ExecuteResponseH\x00R\x04doneB\x05\n" +
+	"\x03msg\"-\n" +
+	"\x05Chunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\"H\n" +
+	"\x13CloseSessionRequest\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x12\n" +
+	"\x04pool\x18\x02 \x01(\tR\x04pool\".\n" +
+	"\x14CloseSessionResponse\x12\x16\n" +
+	"\x06closed\x18\x01 \x01(\bR\x06closed\")\n" +
+	"\x13ListSessionsRequest\x12\x12\n" +
+	"\x04pool\x18\x01 \x01(\tR\x04pool\"H\n" +
+	"\x14ListSessionsResponse\x120\n" +
+	"\bsessions\x18\x01 \x03(\v2\x14.snakepit.v1.SessionR\bsessions\"\x95\x02\n" +
+	"\aSession\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x12\n" +
+	"\x04pool\x18\x02 \x01(\tR\x04pool\x12\x1b\n" +
+	"\tworker_id\x18\x03 \x01(\x04R\bworkerId\x12+\n" +
+	"\x11worker_generation\x18\x04 \x01(\x04R\x10workerGeneration\x12+\n" +
+	"\x03age\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x03age\x12-\n" +
+	"\x04idle\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x04idle\x12\x14\n" +
+	"\x05calls\x18\a \x01(\x04R\x05calls\x12\x1b\n" +
+	"\tin_flight\x18\b \x01(\rR\binFlight\"\x12\n" +
+	"\x10ListNodesRequest\"\xae\x01\n" +
+	"\x11ListNodesResponse\x12'\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x11.snakepit.v1.NodeR\x05nodes\x12<\n" +
+	"\fsnapshot_age\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\vsnapshotAge\x12\x14\n" +
+	"\x05stale\x18\x03 \x01(\bR\x05stale\x12\x1c\n" +
+	"\tdiscovery\x18\x04 \x01(\tR\tdiscovery\"\xff\x03\n" +
+	"\x04Node\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x18\n" +
+	"\ahealthy\x18\x03 \x01(\bR\ahealthy\x12\x1a\n" +
+	"\bcordoned\x18\x04 \x01(\bR\bcordoned\x12\x1a\n" +
+	"\bdraining\x18\x05 \x01(\bR\bdraining\x12\x18\n" +
+	"\aversion\x18\x06 \x01(\tR\aversion\x122\n" +
+	"\x05pools\x18\a \x03(\v2\x1c.snakepit.v1.Node.PoolsEntryR\x05pools\x12\x1b\n" +
+	"\tgpu_count\x18\b \x01(\rR\bgpuCount\x12\x1d\n" +
+	"\n" +
+	"gpu_models\x18\t \x03(\tR\tgpuModels\x12(\n" +
+	"\x10gpu_memory_bytes\x18\n" +
+	" \x01(\x04R\x0egpuMemoryBytes\x125\n" +
+	"\x06labels\x18\v \x03(\v2\x1d.snakepit.v1.Node.LabelsEntryR\x06labels\x12\x12\n" +
+	"\x04self\x18\f \x01(\bR\x04self\x1a8\n" +
+	"\n" +
+	"PoolsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"&\n" +
 	"\x10ListToolsRequest\x12\x12\n" +
 	"\x04pool\x18\x01 \x01(\tR\x04pool\"<\n" +
 	"\x11ListToolsResponse\x12'\n" +
@@ -1145,7 +2053,7 @@ const file_snakepit_v1_snakepit_proto_rawDesc = "" +
 	"\x03p50\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03p50\x12+\n" +
 	"\x03p90\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03p90\x12+\n" +
 	"\x03p99\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03p99\x12+\n" +
-	"\x03max\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03max\"\xed\x01\n" +
+	"\x03max\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03max\"\xa6\x02\n" +
 	"\fWorkerStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1e\n" +
 	"\n" +
@@ -1156,23 +2064,36 @@ const file_snakepit_v1_snakepit_proto_rawDesc = "" +
 	"\tin_flight\x18\x05 \x01(\rR\binFlight\x12\x1a\n" +
 	"\bcapacity\x18\x06 \x01(\rR\bcapacity\x12\x16\n" +
 	"\x06served\x18\a \x01(\x04R\x06served\x124\n" +
-	"\astarted\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\astarted*q\n" +
+	"\astarted\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\astarted\x12\x1b\n" +
+	"\tgpu_uuids\x18\t \x03(\tR\bgpuUuids\x12\x1a\n" +
+	"\bsessions\x18\n" +
+	" \x01(\rR\bsessions*q\n" +
 	"\bAffinity\x12\x18\n" +
 	"\x14AFFINITY_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rAFFINITY_HINT\x10\x01\x12\x19\n" +
 	"\x15AFFINITY_STRICT_QUEUE\x10\x02\x12\x1d\n" +
-	"\x19AFFINITY_STRICT_FAIL_FAST\x10\x03*\x9f\x01\n" +
+	"\x19AFFINITY_STRICT_FAIL_FAST\x10\x03*\xa1\x01\n" +
+	"\x0eSessionOutcome\x12\x1f\n" +
+	"\x1bSESSION_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13SESSION_OUTCOME_NEW\x10\x01\x12\x19\n" +
+	"\x15SESSION_OUTCOME_BOUND\x10\x02\x12\x1f\n" +
+	"\x1bSESSION_OUTCOME_UNAVAILABLE\x10\x03\x12\x19\n" +
+	"\x15SESSION_OUTCOME_RESET\x10\x04*\x9f\x01\n" +
 	"\tPoolState\x12\x1a\n" +
 	"\x16POOL_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13POOL_STATE_STARTING\x10\x01\x12\x14\n" +
 	"\x10POOL_STATE_READY\x10\x02\x12\x17\n" +
 	"\x13POOL_STATE_DEGRADED\x10\x03\x12\x15\n" +
 	"\x11POOL_STATE_FAILED\x10\x04\x12\x17\n" +
-	"\x13POOL_STATE_STOPPING\x10\x052\xdf\x01\n" +
+	"\x13POOL_STATE_STOPPING\x10\x052\xa9\x04\n" +
 	"\bSnakepit\x12D\n" +
-	"\aExecute\x12\x1b.snakepit.v1.ExecuteRequest\x1a\x1c.snakepit.v1.ExecuteResponse\x12J\n" +
+	"\aExecute\x12\x1b.snakepit.v1.ExecuteRequest\x1a\x1c.snakepit.v1.ExecuteResponse\x12R\n" +
+	"\rExecuteStream\x12\x1b.snakepit.v1.ExecuteRequest\x1a\".snakepit.v1.ExecuteStreamResponse0\x01\x12J\n" +
 	"\tListTools\x12\x1d.snakepit.v1.ListToolsRequest\x1a\x1e.snakepit.v1.ListToolsResponse\x12A\n" +
-	"\x06Status\x12\x1a.snakepit.v1.StatusRequest\x1a\x1b.snakepit.v1.StatusResponseB;Z9github.com/snakepit/snakepit/proto/snakepit/v1;snakepitv1b\x06proto3"
+	"\x06Status\x12\x1a.snakepit.v1.StatusRequest\x1a\x1b.snakepit.v1.StatusResponse\x12S\n" +
+	"\fCloseSession\x12 .snakepit.v1.CloseSessionRequest\x1a!.snakepit.v1.CloseSessionResponse\x12S\n" +
+	"\fListSessions\x12 .snakepit.v1.ListSessionsRequest\x1a!.snakepit.v1.ListSessionsResponse\x12J\n" +
+	"\tListNodes\x12\x1d.snakepit.v1.ListNodesRequest\x1a\x1e.snakepit.v1.ListNodesResponseB;Z9github.com/snakepit/snakepit/proto/snakepit/v1;snakepitv1b\x06proto3"
 
 var (
 	file_snakepit_v1_snakepit_proto_rawDescOnce sync.Once
@@ -1186,54 +2107,89 @@ func file_snakepit_v1_snakepit_proto_rawDescGZIP() []byte {
 	return file_snakepit_v1_snakepit_proto_rawDescData
 }
 
-var file_snakepit_v1_snakepit_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_snakepit_v1_snakepit_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_snakepit_v1_snakepit_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_snakepit_v1_snakepit_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_snakepit_v1_snakepit_proto_goTypes = []any{
 	(Affinity)(0),                 // 0: snakepit.v1.Affinity
-	(PoolState)(0),                // 1: snakepit.v1.PoolState
-	(*ExecuteRequest)(nil),        // 2: snakepit.v1.ExecuteRequest
-	(*Placement)(nil),             // 3: snakepit.v1.Placement
-	(*ExecuteResponse)(nil),       // 4: snakepit.v1.ExecuteResponse
-	(*ListToolsRequest)(nil),      // 5: snakepit.v1.ListToolsRequest
-	(*ListToolsResponse)(nil),     // 6: snakepit.v1.ListToolsResponse
-	(*Tool)(nil),                  // 7: snakepit.v1.Tool
-	(*Parameter)(nil),             // 8: snakepit.v1.Parameter
-	(*StatusRequest)(nil),         // 9: snakepit.v1.StatusRequest
-	(*StatusResponse)(nil),        // 10: snakepit.v1.StatusResponse
-	(*PoolStatus)(nil),            // 11: snakepit.v1.PoolStatus
-	(*Latency)(nil),               // 12: snakepit.v1.Latency
-	(*WorkerStatus)(nil),          // 13: snakepit.v1.WorkerStatus
-	(*durationpb.Duration)(nil),   // 14: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(SessionOutcome)(0),           // 1: snakepit.v1.SessionOutcome
+	(PoolState)(0),                // 2: snakepit.v1.PoolState
+	(*ExecuteRequest)(nil),        // 3: snakepit.v1.ExecuteRequest
+	(*Constraints)(nil),           // 4: snakepit.v1.Constraints
+	(*Placement)(nil),             // 5: snakepit.v1.Placement
+	(*ExecuteResponse)(nil),       // 6: snakepit.v1.ExecuteResponse
+	(*ExecuteStreamResponse)(nil), // 7: snakepit.v1.ExecuteStreamResponse
+	(*Chunk)(nil),                 // 8: snakepit.v1.Chunk
+	(*CloseSessionRequest)(nil),   // 9: snakepit.v1.CloseSessionRequest
+	(*CloseSessionResponse)(nil),  // 10: snakepit.v1.CloseSessionResponse
+	(*ListSessionsRequest)(nil),   // 11: snakepit.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),  // 12: snakepit.v1.ListSessionsResponse
+	(*Session)(nil),               // 13: snakepit.v1.Session
+	(*ListNodesRequest)(nil),      // 14: snakepit.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),     // 15: snakepit.v1.ListNodesResponse
+	(*Node)(nil),                  // 16: snakepit.v1.Node
+	(*ListToolsRequest)(nil),      // 17: snakepit.v1.ListToolsRequest
+	(*ListToolsResponse)(nil),     // 18: snakepit.v1.ListToolsResponse
+	(*Tool)(nil),                  // 19: snakepit.v1.Tool
+	(*Parameter)(nil),             // 20: snakepit.v1.Parameter
+	(*StatusRequest)(nil),         // 21: snakepit.v1.StatusRequest
+	(*StatusResponse)(nil),        // 22: snakepit.v1.StatusResponse
+	(*PoolStatus)(nil),            // 23: snakepit.v1.PoolStatus
+	(*Latency)(nil),               // 24: snakepit.v1.Latency
+	(*WorkerStatus)(nil),          // 25: snakepit.v1.WorkerStatus
+	nil,                           // 26: snakepit.v1.Constraints.LabelsEntry
+	nil,                           // 27: snakepit.v1.Node.PoolsEntry
+	nil,                           // 28: snakepit.v1.Node.LabelsEntry
+	(*durationpb.Duration)(nil),   // 29: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 30: google.protobuf.Timestamp
 }
 var file_snakepit_v1_snakepit_proto_depIdxs = []int32{
 	0,  // 0: snakepit.v1.ExecuteRequest.affinity:type_name -> snakepit.v1.Affinity
-	3,  // 1: snakepit.v1.ExecuteResponse.ran_on:type_name -> snakepit.v1.Placement
-	14, // 2: snakepit.v1.ExecuteResponse.queued:type_name -> google.protobuf.Duration
-	14, // 3: snakepit.v1.ExecuteResponse.ran:type_name -> google.protobuf.Duration
-	7,  // 4: snakepit.v1.ListToolsResponse.tools:type_name -> snakepit.v1.Tool
-	8,  // 5: snakepit.v1.Tool.parameters:type_name -> snakepit.v1.Parameter
-	15, // 6: snakepit.v1.StatusResponse.started:type_name -> google.protobuf.Timestamp
-	11, // 7: snakepit.v1.StatusResponse.pools:type_name -> snakepit.v1.PoolStatus
-	1,  // 8: snakepit.v1.PoolStatus.state:type_name -> snakepit.v1.PoolState
-	12, // 9: snakepit.v1.PoolStatus.latency:type_name -> snakepit.v1.Latency
-	13, // 10: snakepit.v1.PoolStatus.workers:type_name -> snakepit.v1.WorkerStatus
-	14, // 11: snakepit.v1.Latency.p50:type_name -> google.protobuf.Duration
-	14, // 12: snakepit.v1.Latency.p90:type_name -> google.protobuf.Duration
-	14, // 13: snakepit.v1.Latency.p99:type_name -> google.protobuf.Duration
-	14, // 14: snakepit.v1.Latency.max:type_name -> google.protobuf.Duration
-	15, // 15: snakepit.v1.WorkerStatus.started:type_name -> google.protobuf.Timestamp
-	2,  // 16: snakepit.v1.Snakepit.Execute:input_type -> snakepit.v1.ExecuteRequest
-	5,  // 17: snakepit.v1.Snakepit.ListTools:input_type -> snakepit.v1.ListToolsRequest
-	9,  // 18: snakepit.v1.Snakepit.Status:input_type -> snakepit.v1.StatusRequest
-	4,  // 19: snakepit.v1.Snakepit.Execute:output_type -> snakepit.v1.ExecuteResponse
-	6,  // 20: snakepit.v1.Snakepit.ListTools:output_type -> snakepit.v1.ListToolsResponse
-	10, // 21: snakepit.v1.Snakepit.Status:output_type -> snakepit.v1.StatusResponse
-	19, // [19:22] is the sub-list for method output_type
-	16, // [16:19] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	4,  // 1: snakepit.v1.ExecuteRequest.constraints:type_name -> snakepit.v1.Constraints
+	26, // 2: snakepit.v1.Constraints.labels:type_name -> snakepit.v1.Constraints.LabelsEntry
+	5,  // 3: snakepit.v1.ExecuteResponse.ran_on:type_name -> snakepit.v1.Placement
+	29, // 4: snakepit.v1.ExecuteResponse.queued:type_name -> google.protobuf.Duration
+	29, // 5: snakepit.v1.ExecuteResponse.ran:type_name -> google.protobuf.Duration
+	1,  // 6: snakepit.v1.ExecuteResponse.session:type_name -> snakepit.v1.SessionOutcome
+	8,  // 7: snakepit.v1.ExecuteStreamResponse.chunk:type_name -> snakepit.v1.Chunk
+	6,  // 8: snakepit.v1.ExecuteStreamResponse.done:type_name -> snakepit.v1.ExecuteResponse
+	13, // 9: snakepit.v1.ListSessionsResponse.sessions:type_name -> snakepit.v1.Session
+	29, // 10: snakepit.v1.Session.age:type_name -> google.protobuf.Duration
+	29, // 11: snakepit.v1.Session.idle:type_name -> google.protobuf.Duration
+	16, // 12: snakepit.v1.ListNodesResponse.nodes:type_name -> snakepit.v1.Node
+	29, // 13: snakepit.v1.ListNodesResponse.snapshot_age:type_name -> google.protobuf.Duration
+	27, // 14: snakepit.v1.Node.pools:type_name -> snakepit.v1.Node.PoolsEntry
+	28, // 15: snakepit.v1.Node.labels:type_name -> snakepit.v1.Node.LabelsEntry
+	19, // 16: snakepit.v1.ListToolsResponse.tools:type_name -> snakepit.v1.Tool
+	20, // 17: snakepit.v1.Tool.parameters:type_name -> snakepit.v1.Parameter
+	30, // 18: snakepit.v1.StatusResponse.started:type_name -> google.protobuf.Timestamp
+	23, // 19: snakepit.v1.StatusResponse.pools:type_name -> snakepit.v1.PoolStatus
+	2,  // 20: snakepit.v1.PoolStatus.state:type_name -> snakepit.v1.PoolState
+	24, // 21: snakepit.v1.PoolStatus.latency:type_name -> snakepit.v1.Latency
+	25, // 22: snakepit.v1.PoolStatus.workers:type_name -> snakepit.v1.WorkerStatus
+	29, // 23: snakepit.v1.Latency.p50:type_name -> google.protobuf.Duration
+	29, // 24: snakepit.v1.Latency.p90:type_name -> google.protobuf.Duration
+	29, // 25: snakepit.v1.Latency.p99:type_name -> google.protobuf.Duration
+	29, // 26: snakepit.v1.Latency.max:type_name -> google.protobuf.Duration
+	30, // 27: snakepit.v1.WorkerStatus.started:type_name -> google.protobuf.Timestamp
+	3,  // 28: snakepit.v1.Snakepit.Execute:input_type -> snakepit.v1.ExecuteRequest
+	3,  // 29: snakepit.v1.Snakepit.ExecuteStream:input_type -> snakepit.v1.ExecuteRequest
+	17, // 30: snakepit.v1.Snakepit.ListTools:input_type -> snakepit.v1.ListToolsRequest
+	21, // 31: snakepit.v1.Snakepit.Status:input_type -> snakepit.v1.StatusRequest
+	9,  // 32: snakepit.v1.Snakepit.CloseSession:input_type -> snakepit.v1.CloseSessionRequest
+	11, // 33: snakepit.v1.Snakepit.ListSessions:input_type -> snakepit.v1.ListSessionsRequest
+	14, // 34: snakepit.v1.Snakepit.ListNodes:input_type -> snakepit.v1.ListNodesRequest
+	6,  // 35: snakepit.v1.Snakepit.Execute:output_type -> snakepit.v1.ExecuteResponse
+	7,  // 36: snakepit.v1.Snakepit.ExecuteStream:output_type -> snakepit.v1.ExecuteStreamResponse
+	18, // 37: snakepit.v1.Snakepit.ListTools:output_type -> snakepit.v1.ListToolsResponse
+	22, // 38: snakepit.v1.Snakepit.Status:output_type -> snakepit.v1.StatusResponse
+	10, // 39: snakepit.v1.Snakepit.CloseSession:output_type -> snakepit.v1.CloseSessionResponse
+	12, // 40: snakepit.v1.Snakepit.ListSessions:output_type -> snakepit.v1.ListSessionsResponse
+	15, // 41: snakepit.v1.Snakepit.ListNodes:output_type -> snakepit.v1.ListNodesResponse
+	35, // [35:42] is the sub-list for method output_type
+	28, // [28:35] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_snakepit_v1_snakepit_proto_init() }
@@ -1241,13 +2197,17 @@ func file_snakepit_v1_snakepit_proto_init() {
 	if File_snakepit_v1_snakepit_proto != nil {
 		return
 	}
+	file_snakepit_v1_snakepit_proto_msgTypes[4].OneofWrappers = []any{
+		(*ExecuteStreamResponse_Chunk)(nil),
+		(*ExecuteStreamResponse_Done)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snakepit_v1_snakepit_proto_rawDesc), len(file_snakepit_v1_snakepit_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   12,
+			NumEnums:      3,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,9 +21,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Snakepit_Execute_FullMethodName   = "/snakepit.v1.Snakepit/Execute"
-	Snakepit_ListTools_FullMethodName = "/snakepit.v1.Snakepit/ListTools"
-	Snakepit_Status_FullMethodName    = "/snakepit.v1.Snakepit/Status"
+	Snakepit_Execute_FullMethodName       = "/snakepit.v1.Snakepit/Execute"
+	Snakepit_ExecuteStream_FullMethodName = "/snakepit.v1.Snakepit/ExecuteStream"
+	Snakepit_ListTools_FullMethodName     = "/snakepit.v1.Snakepit/ListTools"
+	Snakepit_Status_FullMethodName        = "/snakepit.v1.Snakepit/Status"
+	Snakepit_CloseSession_FullMethodName  = "/snakepit.v1.Snakepit/CloseSession"
+	Snakepit_ListSessions_FullMethodName  = "/snakepit.v1.Snakepit/ListSessions"
+	Snakepit_ListNodes_FullMethodName     = "/snakepit.v1.Snakepit/ListNodes"
 )
 
 // SnakepitClient is the client API for Snakepit service.
@@ -36,10 +40,20 @@ type SnakepitClient interface {
 	// Execute runs one tool call and returns its result. Errors are gRPC
 	// statuses with details; see docs/errors.md for the table.
 	Execute(ctx context.Context, in *ExecuteRequest, opts ...grpc.CallOption) (*ExecuteResponse, error)
+	// ExecuteStream runs a tool that yields items (a Python generator) and
+	// streams them as chunks; the last message carries the outcome. An error
+	// raised mid-stream ends the stream with a status after the chunks sent.
+	ExecuteStream(ctx context.Context, in *ExecuteRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExecuteStreamResponse], error)
 	// ListTools lists the tools the pools of this node serve.
 	ListTools(ctx context.Context, in *ListToolsRequest, opts ...grpc.CallOption) (*ListToolsResponse, error)
 	// Status reports this node: its pools, their workers and statistics.
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
+	// CloseSession drops a session now, with its state in Python.
+	CloseSession(ctx context.Context, in *CloseSessionRequest, opts ...grpc.CallOption) (*CloseSessionResponse, error)
+	// ListSessions lists the sessions that live on this node.
+	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
+	// ListNodes reports the cluster as this node sees it.
+	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
 }
 
 type snakepitClient struct {
@@ -59,6 +73,25 @@ func (c *snakepitClient) Execute(ctx context.Context, in *ExecuteRequest, opts .
 	}
 	return out, nil
 }
+
+func (c *snakepitClient) ExecuteStream(ctx context.Context, in *ExecuteRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExecuteStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Snakepit_ServiceDesc.Streams[0], Snakepit_ExecuteStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExecuteRequest, ExecuteStreamResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Snakepit_ExecuteStreamClient = grpc.ServerStreamingClient[ExecuteStreamResponse]
 
 func (c *snakepitClient) ListTools(ctx context.Context, in *ListToolsRequest, opts ...grpc.CallOption) (*ListToolsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -80,6 +113,36 @@ func (c *snakepitClient) Status(ctx context.Context, in *StatusRequest, opts ...
 	return out, nil
 }
 
+func (c *snakepitClient) CloseSession(ctx context.Context, in *CloseSessionRequest, opts ...grpc.CallOption) (*CloseSessionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CloseSessionResponse)
+	err := c.cc.Invoke(ctx, Snakepit_CloseSession_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *snakepitClient) ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListSessionsResponse)
+	err := c.cc.Invoke(ctx, Snakepit_ListSessions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *snakepitClient) ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListNodesResponse)
+	err := c.cc.Invoke(ctx, Snakepit_ListNodes_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // SnakepitServer is the server API for Snakepit service.
 // All implementations must embed UnimplementedSnakepitServer
 // for forward compatibility.
@@ -90,10 +153,20 @@ type SnakepitServer interface {
 	// Execute runs one tool call and returns its result. Errors are gRPC
 	// statuses with details; see docs/errors.md for the table.
 	Execute(context.Context, *ExecuteRequest) (*ExecuteResponse, error)
+	// ExecuteStream runs a tool that yields items (a Python generator) and
+	// streams them as chunks; the last message carries the outcome. An error
+	// raised mid-stream ends the stream with a status after the chunks sent.
+	ExecuteStream(*ExecuteRequest, grpc.ServerStreamingServer[ExecuteStreamResponse]) error
 	// ListTools lists the tools the pools of this node serve.
 	ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error)
 	// Status reports this node: its pools, their workers and statistics.
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
+	// CloseSession drops a session now, with its state in Python.
+	CloseSession(context.Context, *CloseSessionRequest) (*CloseSessionResponse, error)
+	// ListSessions lists the sessions that live on this node.
+	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
+	// ListNodes reports the cluster as this node sees it.
+	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
 	mustEmbedUnimplementedSnakepitServer()
 }
 
@@ -107,11 +180,23 @@ type UnimplementedSnakepitServer struct{}
 func (UnimplementedSnakepitServer) Execute(context.Context, *ExecuteRequest) (*ExecuteResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Execute not implemented")
 }
+func (UnimplementedSnakepitServer) ExecuteStream(*ExecuteRequest, grpc.ServerStreamingServer[ExecuteStreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method ExecuteStream not implemented")
+}
 func (UnimplementedSnakepitServer) ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListTools not implemented")
 }
 func (UnimplementedSnakepitServer) Status(context.Context, *StatusRequest) (*StatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedSnakepitServer) CloseSession(context.Context, *CloseSessionRequest) (*CloseSessionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CloseSession not implemented")
+}
+func (UnimplementedSnakepitServer) ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListSessions not implemented")
+}
+func (UnimplementedSnakepitServer) ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListNodes not implemented")
 }
 func (UnimplementedSnakepitServer) mustEmbedUnimplementedSnakepitServer() {}
 func (UnimplementedSnakepitServer) testEmbeddedByValue()                  {}
@@ -152,6 +237,17 @@ func _Snakepit_Execute_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Snakepit_ExecuteStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ExecuteRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(SnakepitServer).ExecuteStream(m, &grpc.GenericServerStream[ExecuteRequest, ExecuteStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Snakepit_ExecuteStreamServer = grpc.ServerStreamingServer[ExecuteStreamResponse]
+
 func _Snakepit_ListTools_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListToolsRequest)
 	if err := dec(in); err != nil {
@@ -188,6 +284,60 @@ func _Snakepit_Status_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Snakepit_CloseSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CloseSessionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SnakepitServer).CloseSession(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Snakepit_CloseSession_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SnakepitServer).CloseSession(ctx, req.(*CloseSessionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Snakepit_ListSessions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListSessionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SnakepitServer).ListSessions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Snakepit_ListSessions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SnakepitServer).ListSessions(ctx, req.(*ListSessionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Snakepit_ListNodes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListNodesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SnakepitServer).ListNodes(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Snakepit_ListNodes_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SnakepitServer).ListNodes(ctx, req.(*ListNodesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Snakepit_ServiceDesc is the grpc.ServiceDesc for Snakepit service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -207,7 +357,25 @@ var Snakepit_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Status",
 			Handler:    _Snakepit_Status_Handler,
 		},
+		{
+			MethodName: "CloseSession",
+			Handler:    _Snakepit_CloseSession_Handler,
+		},
+		{
+			MethodName: "ListSessions",
+			Handler:    _Snakepit_ListSessions_Handler,
+		},
+		{
+			MethodName: "ListNodes",
+			Handler:    _Snakepit_ListNodes_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "ExecuteStream",
+			Handler:       _Snakepit_ExecuteStream_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "snakepit/v1/snakepit.proto",
 }
