@@ -145,13 +145,14 @@ type ToolError struct {
 
 // Kinds of ToolError.
 const (
-	KindException   = "exception"    // the tool raised
-	KindInvalidArgs = "invalid_args" // the args did not fit the tool
-	KindEncode      = "encode"       // the result is not JSON-encodable
-	KindUnknownTool = "unknown_tool" // the adapter has no such tool
-	KindCancelled   = "cancelled"    // the tool noticed the cancellation
-	KindTooLarge    = "too_large"    // the result is over the maximum size
-	KindInternal    = "internal"     // the runtime itself failed
+	KindException      = "exception"       // the tool raised
+	KindInvalidArgs    = "invalid_args"    // the args did not fit the tool
+	KindEncode         = "encode"          // the result is not JSON-encodable
+	KindUnknownTool    = "unknown_tool"    // the adapter has no such tool
+	KindCancelled      = "cancelled"       // the tool noticed the cancellation
+	KindTooLarge       = "too_large"       // the result is over the maximum size
+	KindStreamRequired = "stream_required" // a generator tool called without a stream
+	KindInternal       = "internal"        // the runtime itself failed
 )
 
 func (e *ToolError) Error() string {

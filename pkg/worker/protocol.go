@@ -30,14 +30,23 @@ const headerSize = 16
 type frameType uint8
 
 const (
-	frameHello  frameType = 1 // worker -> daemon: JSON handshake, after setup
-	frameCall   frameType = 2 // daemon -> worker: a call (see appendCall)
-	frameResult frameType = 3 // worker -> daemon: JSON result of a call
-	frameError  frameType = 4 // worker -> daemon: JSON error of a call
-	frameCancel frameType = 5 // daemon -> worker: cancel a call
-	framePing   frameType = 6 // daemon -> worker: heartbeat, id = sequence
-	framePong   frameType = 7 // worker -> daemon: heartbeat answer
-	frameFatal  frameType = 8 // worker -> daemon: adapter failed to load; exits
+	frameHello        frameType = 1  // worker -> daemon: JSON handshake, after setup
+	frameCall         frameType = 2  // daemon -> worker: a call (see appendCall)
+	frameResult       frameType = 3  // worker -> daemon: JSON result of a call
+	frameError        frameType = 4  // worker -> daemon: JSON error of a call
+	frameCancel       frameType = 5  // daemon -> worker: cancel a call
+	framePing         frameType = 6  // daemon -> worker: heartbeat, id = sequence
+	framePong         frameType = 7  // worker -> daemon: heartbeat answer
+	frameFatal        frameType = 8  // worker -> daemon: adapter failed to load; exits
+	frameChunk        frameType = 9  // worker -> daemon: one item of a streaming call
+	frameCredit       frameType = 10 // daemon -> worker (control): u32 more chunks the stream may send
+	frameCloseSession frameType = 11 // daemon -> worker: drop a session's state; payload = session id
+)
+
+// Call flags, carried in the header's flags byte of a call frame.
+const (
+	flagStream           = 1 // the caller reads a stream of chunks
+	flagSessionTransient = 2 // run with an empty, throwaway session store
 )
 
 func (t frameType) String() string {
@@ -58,6 +67,12 @@ func (t frameType) String() string {
 		return "pong"
 	case frameFatal:
 		return "fatal"
+	case frameChunk:
+		return "chunk"
+	case frameCredit:
+		return "credit"
+	case frameCloseSession:
+		return "close_session"
 	}
 	return fmt.Sprintf("frame(%d)", uint8(t))
 }
@@ -68,7 +83,7 @@ var errFrameTooLarge = errors.New("frame exceeds the maximum message size")
 func putHeader(b []byte, t frameType, id uint64, n int) {
 	binary.LittleEndian.PutUint32(b[0:4], uint32(n))
 	b[4] = byte(t)
-	b[5] = 0
+	b[5] = 0 // flags
 	b[6] = 0
 	b[7] = 0
 	binary.LittleEndian.PutUint64(b[8:16], id)
@@ -83,24 +98,27 @@ func appendFrame(dst []byte, t frameType, id uint64, payload []byte) []byte {
 }
 
 // callHeaderSize is the fixed part of a call payload: timeout in ms (u32),
-// then the lengths (u16 each) of tool, session id, request id and
-// correlation id, which follow in that order; the JSON args take the rest.
-const callHeaderSize = 12
+// stream window (u32), then the lengths (u16 each) of tool, session id,
+// request id and correlation id, which follow in that order; the JSON args
+// take the rest.
+const callHeaderSize = 16
 
 // maxCallField is the longest tool name or id a call can carry.
 const maxCallField = 0xFFFF
 
 // appendCall appends a whole call frame to dst.
-func appendCall(dst []byte, id uint64, c *Call, timeoutMS uint32) []byte {
+func appendCall(dst []byte, id uint64, c *Call, flags byte, timeoutMS, window uint32) []byte {
 	n := callHeaderSize + len(c.Tool) + len(c.SessionID) + len(c.RequestID) + len(c.CorrelationID) + len(c.Args)
 	var h [headerSize + callHeaderSize]byte
 	putHeader(h[:], frameCall, id, n)
+	h[5] = flags
 	p := h[headerSize:]
 	binary.LittleEndian.PutUint32(p[0:4], timeoutMS)
-	binary.LittleEndian.PutUint16(p[4:6], uint16(len(c.Tool)))
-	binary.LittleEndian.PutUint16(p[6:8], uint16(len(c.SessionID)))
-	binary.LittleEndian.PutUint16(p[8:10], uint16(len(c.RequestID)))
-	binary.LittleEndian.PutUint16(p[10:12], uint16(len(c.CorrelationID)))
+	binary.LittleEndian.PutUint32(p[4:8], window)
+	binary.LittleEndian.PutUint16(p[8:10], uint16(len(c.Tool)))
+	binary.LittleEndian.PutUint16(p[10:12], uint16(len(c.SessionID)))
+	binary.LittleEndian.PutUint16(p[12:14], uint16(len(c.RequestID)))
+	binary.LittleEndian.PutUint16(p[14:16], uint16(len(c.CorrelationID)))
 	dst = append(dst, h[:]...)
 	dst = append(dst, c.Tool...)
 	dst = append(dst, c.SessionID...)

@@ -10,6 +10,7 @@ package worker
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -122,6 +123,9 @@ type Call struct {
 	// Timeout is the time the tool has left; 0 means none. It reaches Python
 	// as ctx.deadline.
 	Timeout time.Duration
+	// SessionTransient runs the call with an empty session store that is
+	// dropped afterwards: the session's state lives on another worker.
+	SessionTransient bool
 }
 
 // State is where a worker is in its life.
@@ -155,7 +159,8 @@ type reply struct {
 }
 
 type pending struct {
-	ch chan reply
+	ch     chan reply
+	chunks chan []byte // nil for unary calls
 }
 
 var pendingPool = sync.Pool{New: func() any { return &pending{ch: make(chan reply, 1)} }}
@@ -465,6 +470,23 @@ func (w *Worker) readLoop() {
 			return
 		}
 		switch t {
+		case frameChunk:
+			w.mu.Lock()
+			p := w.pending[id]
+			w.mu.Unlock()
+			if p == nil {
+				continue // the call was failed already
+			}
+			if p.chunks == nil {
+				w.fatal(CauseProtocol, errors.New("chunk frame for a call that is not a stream"))
+				return
+			}
+			select {
+			case p.chunks <- payload:
+			default:
+				w.fatal(CauseProtocol, errors.New("stream sent more chunks than its credit"))
+				return
+			}
 		case frameResult, frameError:
 			w.mu.Lock()
 			p := w.pending[id]
@@ -570,17 +592,87 @@ func (w *Worker) fatal(cause string, err error) {
 // the call is cancelled in Python and Call returns ctx.Err() at once; the slot
 // is released (Spec.OnRelease) only when Python has given up the call.
 func (w *Worker) Call(ctx context.Context, c *Call) ([]byte, error) {
+	p := pendingPool.Get().(*pending)
+	id, err := w.send(c, p, 0, 0)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case r := <-p.ch:
+		pendingPool.Put(p)
+		return r.payload, r.err
+	case <-ctx.Done():
+		w.abandon(id, c.Tool)
+		return nil, ctx.Err()
+	}
+}
+
+// Stream runs a call whose tool yields items (a Python generator) and hands
+// each item, as JSON, to emit in order; it returns the generator's return
+// value. At most window chunks are ever buffered between Python and emit: a
+// slow emit (a slow client) makes the generator wait, so memory stays
+// bounded. When emit fails or ctx ends, the call is cancelled in Python,
+// where the generator gets Cancelled at its next yield.
+func (w *Worker) Stream(ctx context.Context, c *Call, window int, emit func([]byte) error) ([]byte, error) {
+	window = max(window, 1)
+	p := &pending{ch: make(chan reply, 1), chunks: make(chan []byte, window)}
+	id, err := w.send(c, p, flagStream, uint32(window))
+	if err != nil {
+		return nil, err
+	}
+	ackEvery := max(1, window/2)
+	acked := 0
+	deliver := func(chunk []byte) error {
+		if err := emit(chunk); err != nil {
+			w.abandon(id, c.Tool)
+			return err
+		}
+		if acked++; acked >= ackEvery {
+			w.credit(id, acked)
+			acked = 0
+		}
+		return nil
+	}
+	for {
+		select {
+		case chunk := <-p.chunks:
+			if err := deliver(chunk); err != nil {
+				return nil, err
+			}
+		case r := <-p.ch:
+			for {
+				select {
+				case chunk := <-p.chunks:
+					if err := emit(chunk); err != nil {
+						return nil, err
+					}
+					continue
+				default:
+				}
+				return r.payload, r.err
+			}
+		case <-ctx.Done():
+			w.abandon(id, c.Tool)
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// send registers p and writes the call frame. On failure the call is
+// released and its error returned.
+func (w *Worker) send(c *Call, p *pending, flags byte, window uint32) (uint64, error) {
 	if len(c.Tool) > maxCallField || len(c.SessionID) > maxCallField || len(c.RequestID) > maxCallField || len(c.CorrelationID) > maxCallField {
 		w.release()
-		return nil, fmt.Errorf("tool name or id longer than %d bytes", maxCallField)
+		return 0, fmt.Errorf("tool name or id longer than %d bytes", maxCallField)
 	}
-	p := pendingPool.Get().(*pending)
+	if c.SessionTransient {
+		flags |= flagSessionTransient
+	}
 	w.mu.Lock()
 	if w.closed {
 		w.mu.Unlock()
-		pendingPool.Put(p)
 		w.release()
-		return nil, w.deathErr()
+		return 0, w.deathErr()
 	}
 	w.nextID++
 	id := w.nextID
@@ -592,14 +684,13 @@ func (w *Worker) Call(ctx context.Context, c *Call) ([]byte, error) {
 		ms = uint32(min(int64(c.Timeout/time.Millisecond)+1, int64(^uint32(0))))
 	}
 	bp := bufPool.Get().(*[]byte)
-	buf := appendCall((*bp)[:0], id, c, ms)
+	buf := appendCall((*bp)[:0], id, c, flags, ms, window)
 	if w.spec.MaxFrame > 0 && len(buf)-headerSize > w.spec.MaxFrame {
 		*bp = buf[:0]
 		bufPool.Put(bp)
 		w.forget(id)
-		pendingPool.Put(p)
 		w.release()
-		return nil, fmt.Errorf("call of %d bytes: %w (%d)", len(buf)-headerSize, errFrameTooLarge, w.spec.MaxFrame)
+		return 0, fmt.Errorf("call of %d bytes: %w (%d)", len(buf)-headerSize, errFrameTooLarge, w.spec.MaxFrame)
 	}
 	w.wmu.Lock()
 	_, err := w.conn.Write(buf)
@@ -612,33 +703,54 @@ func (w *Worker) Call(ctx context.Context, c *Call) ([]byte, error) {
 		// The socket only fails when the process is gone or going: answer
 		// with how it ended.
 		if w.forget(id) {
-			pendingPool.Put(p)
 			w.release()
-			return nil, w.deathErr()
+			return 0, w.deathErr()
 		}
 		r := <-p.ch // wait() answered the call already
-		pendingPool.Put(p)
-		return nil, r.err
+		return 0, r.err
 	}
-	select {
-	case r := <-p.ch:
-		pendingPool.Put(p)
-		return r.payload, r.err
-	case <-ctx.Done():
-		w.cancel(id)
-		if w.spec.CancelGrace > 0 && w.spec.OnCancelIgnored != nil {
-			time.AfterFunc(w.spec.CancelGrace, func() {
-				w.mu.Lock()
-				_, still := w.pending[id]
-				w.mu.Unlock()
-				if still {
-					w.log.Warn().Uint64("call", id).Str("tool", c.Tool).Dur("cancel_grace", w.spec.CancelGrace).Msg("cancelled call still running")
-					w.spec.OnCancelIgnored(w)
-				}
-			})
-		}
-		return nil, ctx.Err()
+	return id, nil
+}
+
+// abandon cancels a call its caller gave up on; the slot is released when
+// Python answers. A call still running CancelGrace later is reported to
+// OnCancelIgnored.
+func (w *Worker) abandon(id uint64, tool string) {
+	w.cancel(id)
+	if w.spec.CancelGrace > 0 && w.spec.OnCancelIgnored != nil {
+		time.AfterFunc(w.spec.CancelGrace, func() {
+			w.mu.Lock()
+			_, still := w.pending[id]
+			w.mu.Unlock()
+			if still {
+				w.log.Warn().Uint64("call", id).Str("tool", tool).Dur("cancel_grace", w.spec.CancelGrace).Msg("cancelled call still running")
+				w.spec.OnCancelIgnored(w)
+			}
+		})
 	}
+}
+
+// credit lets a stream send n more chunks.
+func (w *Worker) credit(id uint64, n int) {
+	var b [headerSize + 4]byte
+	putHeader(b[:], frameCredit, id, 4)
+	binary.LittleEndian.PutUint32(b[headerSize:], uint32(n))
+	w.ctlMu.Lock()
+	_, _ = w.ctl.Write(b[:])
+	w.ctlMu.Unlock()
+}
+
+// CloseSession drops a session's state in the worker. It is ordered with
+// calls: a call sent before it still sees the state.
+func (w *Worker) CloseSession(sessionID string) error {
+	if len(sessionID) > maxCallField {
+		return fmt.Errorf("session id longer than %d bytes", maxCallField)
+	}
+	buf := appendFrame(make([]byte, 0, headerSize+len(sessionID)), frameCloseSession, 0, []byte(sessionID))
+	w.wmu.Lock()
+	_, err := w.conn.Write(buf)
+	w.wmu.Unlock()
+	return err
 }
 
 // deathErr waits (briefly) for the process to be gone and returns how it

@@ -67,16 +67,24 @@ class Context(object):
     Attributes:
         request_id: the request id the client sent or the node assigned.
         session_id: the caller's session id, or "" for sessionless calls.
+        session: a dict that lives in this worker process for the session's
+            lifetime: what a tool stores there, the session's next call
+            finds. None for sessionless calls. When the node had to run the
+            call elsewhere (the session's worker was busy, affinity "hint"),
+            it is an empty dict that is dropped after the call; the response
+            tells the client so.
         deadline: absolute time (``time.time()``) by which the call must end,
             or None when it has none.
     """
 
-    __slots__ = ("request_id", "session_id", "deadline", "_cancelled", "_mono_deadline")
+    __slots__ = ("request_id", "session_id", "session", "deadline", "_cancelled", "_mono_deadline", "_wake")
 
-    def __init__(self, request_id="", session_id="", timeout_ms=0):
+    def __init__(self, request_id="", session_id="", timeout_ms=0, session=None):
         self.request_id = request_id
         self.session_id = session_id
+        self.session = session
         self._cancelled = False
+        self._wake = None
         if timeout_ms:
             self.deadline = _time.time() + timeout_ms / 1000.0
             self._mono_deadline = _time.monotonic() + timeout_ms / 1000.0

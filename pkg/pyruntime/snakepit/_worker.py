@@ -28,7 +28,9 @@ from snakepit import Cancelled, Context, ToolError
 PROTOCOL_VERSION = 1
 
 HDR = struct.Struct("<IBBHQ")
-CALL_HDR = struct.Struct("<IHHHH")
+CALL_HDR = struct.Struct("<IIHHHH")
+CALL_HDR_SIZE = CALL_HDR.size
+U32 = struct.Struct("<I")
 
 # Frame types; keep in step with pkg/worker/protocol.go.
 T_HELLO = 1
@@ -39,6 +41,13 @@ T_CANCEL = 5
 T_PING = 6
 T_PONG = 7
 T_FATAL = 8
+T_CHUNK = 9
+T_CREDIT = 10
+T_CLOSE_SESSION = 11
+
+# Call flags (the header's flags byte).
+F_STREAM = 1  # the caller reads a stream: a generator's items go as chunks
+F_SESSION_TRANSIENT = 2  # the session's state lives on another worker
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _encode = _encoder.encode
@@ -67,11 +76,11 @@ class _Conn(object):
         hdr = self.rfile.read(16)
         if len(hdr) < 16:
             return None
-        n, typ, _flags, _res, rid = HDR.unpack(hdr)
+        n, typ, flags, _res, rid = HDR.unpack(hdr)
         payload = self.rfile.read(n) if n else b""
         if len(payload) < n:
             return None
-        return typ, rid, payload
+        return typ, flags, rid, payload
 
 
 def _type_name(annotation):
@@ -85,7 +94,7 @@ def _type_name(annotation):
 
 
 class _Tool(object):
-    __slots__ = ("name", "fn", "wants_ctx", "is_async", "spec")
+    __slots__ = ("name", "fn", "wants_ctx", "is_async", "spec", "streaming")
 
     def __init__(self, name, fn, doc):
         self.name = name
@@ -113,6 +122,7 @@ class _Tool(object):
             "parameters": params,
             "streaming": inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn),
         }
+        self.streaming = self.spec["streaming"]
 
 
 def _load_module(spec):
@@ -218,7 +228,9 @@ class Worker(object):
         self.tools = tools
         self.capacity = capacity
         self.calls = queue.SimpleQueue()
-        self.inflight = {}
+        self.inflight = {}  # call id -> Context, for cancellation
+        self.streams = {}  # call id -> _Credits
+        self.sessions = {}  # session id -> dict
         self.local = threading.local()
 
     def start_threads(self, ctl):
@@ -241,12 +253,14 @@ class Worker(object):
             frame = recv()
             if frame is None:
                 return
-            typ, rid, payload = frame
+            typ, flags, rid, payload = frame
             if typ == T_CALL:
                 if inline:
-                    call(rid, payload)
+                    call(rid, flags, payload)
                 else:
-                    put((rid, payload))
+                    put((rid, flags, payload))
+            elif typ == T_CLOSE_SESSION:
+                self.sessions.pop(payload.decode("utf-8"), None)
             else:
                 sys.stderr.write("snakepit worker: unexpected frame type %d on the call socket\n" % typ)
 
@@ -258,13 +272,20 @@ class Worker(object):
                 frame = ctl.recv()
                 if frame is None:
                     break
-                typ, rid, _payload = frame
+                typ, _flags, rid, payload = frame
                 if typ == T_PING:
                     ctl.send(T_PONG, rid)
                 elif typ == T_CANCEL:
                     ctx = self.inflight.get(rid)
                     if ctx is not None:
                         ctx._cancelled = True
+                        st = self.streams.get(rid)
+                        if st is not None:
+                            st.add(0)  # wake a generator waiting for credit
+                elif typ == T_CREDIT:
+                    st = self.streams.get(rid)
+                    if st is not None:
+                        st.add(U32.unpack(payload)[0])
                 else:
                     sys.stderr.write("snakepit worker: unexpected frame type %d on the control socket\n" % typ)
         finally:
@@ -274,22 +295,22 @@ class Worker(object):
         get = self.calls.get
         call = self._guarded_call
         while True:
-            rid, payload = get()
-            call(rid, payload)
+            rid, flags, payload = get()
+            call(rid, flags, payload)
 
-    def _guarded_call(self, rid, payload):
+    def _guarded_call(self, rid, flags, payload):
         try:
-            self._call(rid, payload)
+            self._call(rid, flags, payload)
         except BaseException:  # never lose a call: answer it
             try:
                 self.conn.send(T_ERROR, rid, _error("internal", sys.exc_info()[1]))
             except Exception:
                 pass
 
-    def _call(self, rid, p):
+    def _call(self, rid, flags, p):
         send = self.conn.send
-        timeout_ms, tl, sl, rl, cl = CALL_HDR.unpack_from(p, 0)
-        o = 12
+        timeout_ms, window, tl, sl, rl, cl = CALL_HDR.unpack_from(p, 0)
+        o = CALL_HDR_SIZE
         name = p[o : o + tl].decode("utf-8")
         o += tl
         tool = self.tools.get(name)
@@ -305,13 +326,26 @@ class Worker(object):
         if type(kwargs) is not dict:
             send(T_ERROR, rid, _error("invalid_args", message="args must be a JSON object, got %s" % type(kwargs).__name__))
             return
+        stream = flags & F_STREAM
+        if tool.streaming and not stream:
+            send(T_ERROR, rid, _error("stream_required", message="tool %s yields a stream: call it with ExecuteStream (spctl exec --stream)" % name))
+            return
         ctx = None
-        if tool.wants_ctx:
-            session = p[o : o + sl].decode("utf-8")
+        if tool.wants_ctx or stream:
+            session_id = p[o : o + sl].decode("utf-8")
             o += sl
             request_id = p[o : o + rl].decode("utf-8")
-            ctx = Context(request_id, session, timeout_ms)
-            kwargs["ctx"] = ctx
+            store = None
+            if session_id:
+                if flags & F_SESSION_TRANSIENT:
+                    store = {}
+                else:
+                    store = self.sessions.get(session_id)
+                    if store is None:
+                        store = self.sessions[session_id] = {}
+            ctx = Context(request_id, session_id, timeout_ms, store)
+            if tool.wants_ctx:
+                kwargs["ctx"] = ctx
             self.inflight[rid] = ctx
         try:
             try:
@@ -319,6 +353,8 @@ class Worker(object):
                     result = self._run_async(tool.fn(**kwargs))
                 else:
                     result = tool.fn(**kwargs)
+                if stream and tool.streaming:
+                    result = self._stream(rid, name, ctx, result, window)
             except TypeError as e:
                 if e.__traceback__ is not None and e.__traceback__.tb_next is None:
                     # Raised while binding the arguments, not inside the tool.
@@ -329,6 +365,12 @@ class Worker(object):
             except Cancelled as e:
                 send(T_ERROR, rid, _error("cancelled", e, with_traceback=False))
                 return
+            except _TooLarge as e:
+                send(T_ERROR, rid, _error("too_large", message=str(e)))
+                return
+            except _NotJSON as e:
+                send(T_ERROR, rid, _error("encode", message=str(e)))
+                return
             except ToolError as e:
                 send(T_ERROR, rid, _error("exception", e, with_traceback=False))
                 return
@@ -337,17 +379,66 @@ class Worker(object):
                 send(T_ERROR, rid, _error("exception", e, skip_frames=1))
                 return
             try:
-                out = _encode(result).encode("utf-8")
-            except (TypeError, ValueError) as e:
-                send(T_ERROR, rid, _error("encode", message="result of %s cannot be encoded as JSON: %s" % (name, e)))
-                return
-            if len(out) > self.max_result:
-                send(T_ERROR, rid, _error("too_large", message="result of %s is %d bytes of JSON, over the node's maximum of %d (max_message_bytes)" % (name, len(out), self.max_result)))
+                out = self._encode_value(name, result, "result")
+            except (_TooLarge, _NotJSON) as e:
+                send(T_ERROR, rid, _error("too_large" if isinstance(e, _TooLarge) else "encode", message=str(e)))
                 return
             send(T_RESULT, rid, out)
         finally:
             if ctx is not None:
                 self.inflight.pop(rid, None)
+
+    def _encode_value(self, name, value, what):
+        try:
+            out = _encode(value).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise _NotJSON("%s of %s cannot be encoded as JSON: %s" % (what, name, e))
+        if len(out) > self.max_result:
+            raise _TooLarge("%s of %s is %d bytes of JSON, over the node's maximum of %d (max_message_bytes)" % (what, name, len(out), self.max_result))
+        return out
+
+    def _stream(self, rid, name, ctx, gen, window):
+        """Send a generator's items as chunks, at most `window` ahead of what
+        the daemon has acknowledged; return the generator's return value.
+        Cancellation raises Cancelled inside the generator at its yield."""
+        credits = _Credits(window)
+        self.streams[rid] = credits
+        agen = None
+        if inspect.isasyncgen(gen):
+            agen, gen = gen, None
+        send = self.conn.send
+        try:
+            while True:
+                try:
+                    if agen is not None:
+                        item = self._run_async(agen.__anext__())
+                    else:
+                        item = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                except StopAsyncIteration:
+                    return None
+                if not credits.take(ctx):
+                    why = "deadline passed" if (ctx._mono_deadline is not None and not ctx._cancelled) else "cancelled"
+                    exc = Cancelled("stream %s %s" % (ctx.request_id, why))
+                    try:
+                        if agen is not None:
+                            self._run_async(agen.athrow(exc))
+                        else:
+                            gen.throw(exc)
+                    except (Cancelled, StopIteration, StopAsyncIteration):
+                        pass
+                    raise exc
+                send(T_CHUNK, rid, self._encode_value(name, item, "an item"))
+        finally:
+            self.streams.pop(rid, None)
+            if gen is not None:
+                gen.close()
+            elif agen is not None:
+                try:
+                    self._run_async(agen.aclose())
+                except Exception:
+                    pass
 
     def _run_async(self, coro):
         loop = getattr(self.local, "loop", None)
@@ -355,6 +446,43 @@ class Worker(object):
             loop = asyncio.new_event_loop()
             self.local.loop = loop
         return loop.run_until_complete(coro)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _NotJSON(Exception):
+    pass
+
+
+class _Credits(object):
+    """How many more chunks a stream may send before the daemon acknowledges
+    some: the daemon's buffer for the stream never overflows."""
+
+    __slots__ = ("n", "cond")
+
+    def __init__(self, n):
+        self.n = max(1, n)
+        self.cond = threading.Condition(threading.Lock())
+
+    def add(self, k):
+        with self.cond:
+            self.n += k
+            self.cond.notify()
+
+    def take(self, ctx):
+        """Wait for a credit; False once the call is cancelled or past its
+        deadline."""
+        with self.cond:
+            while True:
+                if ctx.cancelled:
+                    return False
+                if self.n > 0:
+                    self.n -= 1
+                    return True
+                left = ctx.remaining()
+                self.cond.wait(left if left is not None else None)
 
 
 def main():

@@ -86,3 +86,48 @@ def barrier(parties: int, timeout: float = 10.0) -> bool:
     b = _barriers.setdefault(parties, threading.Barrier(parties))
     b.wait(timeout)
     return True
+
+
+@tool
+def counter(n: int):
+    """Yield 0..n-1, then return "done"."""
+    for i in range(n):
+        yield i
+    return "done"
+
+
+@tool
+async def async_counter(n: int):
+    for i in range(n):
+        yield {"i": i}
+
+
+@tool
+def failing_stream(n: int):
+    for i in range(n):
+        yield i
+    raise ValueError("broke after %d" % n)
+
+
+@tool
+def endless(marker: str, ctx: Context):
+    """Yield forever; write to marker how it ended."""
+    i = 0
+    try:
+        while True:
+            yield i
+            i += 1
+    except BaseException as e:
+        with open(marker, "w") as f:
+            f.write(type(e).__name__)
+        raise
+
+
+@tool
+def remember(ctx: Context, key: str = "", value: int = 0) -> dict:
+    """Store key=value in the session (when key is given); return the store."""
+    if ctx.session is None:
+        return None
+    if key:
+        ctx.session[key] = value
+    return dict(ctx.session)
