@@ -2,7 +2,9 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"runtime/debug"
+	"time"
 
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
@@ -21,17 +23,60 @@ type service struct {
 }
 
 func (s *service) Execute(ctx context.Context, in *snakepitv1.ExecuteRequest) (*snakepitv1.ExecuteResponse, error) {
-	res, err := s.node.Execute(ctx, &Request{
+	req, err := requestFromProto(in)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	res, err := s.node.Execute(ctx, req)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return responseToProto(res), nil
+}
+
+func (s *service) ExecuteStream(in *snakepitv1.ExecuteRequest, stream grpc.ServerStreamingServer[snakepitv1.ExecuteStreamResponse]) error {
+	req, err := requestFromProto(in)
+	if err != nil {
+		return toStatus(err)
+	}
+	var seq uint64
+	msg := &snakepitv1.ExecuteStreamResponse{}
+	chunk := &snakepitv1.Chunk{}
+	res, err := s.node.ExecuteStream(stream.Context(), req, func(b []byte) error {
+		chunk.Data, chunk.Seq = b, seq
+		msg.Msg = &snakepitv1.ExecuteStreamResponse_Chunk{Chunk: chunk}
+		seq++
+		return stream.Send(msg)
+	})
+	if err != nil {
+		return toStatus(err)
+	}
+	return stream.Send(&snakepitv1.ExecuteStreamResponse{Msg: &snakepitv1.ExecuteStreamResponse_Done{Done: responseToProto(res)}})
+}
+
+func requestFromProto(in *snakepitv1.ExecuteRequest) (*Request, error) {
+	req := &Request{
 		Tool:       in.GetTool(),
 		Pool:       in.GetPool(),
 		Args:       in.GetArgs(),
 		SessionID:  in.GetSessionId(),
 		RequestID:  in.GetRequestId(),
 		Idempotent: in.GetIdempotent(),
-	})
-	if err != nil {
-		return nil, toStatus(err)
 	}
+	switch in.GetAffinity() {
+	case snakepitv1.Affinity_AFFINITY_UNSPECIFIED, snakepitv1.Affinity_AFFINITY_HINT:
+		req.Affinity = AffinityHint
+	case snakepitv1.Affinity_AFFINITY_STRICT_QUEUE:
+		req.Affinity = AffinityStrictQueue
+	case snakepitv1.Affinity_AFFINITY_STRICT_FAIL_FAST:
+		req.Affinity = AffinityStrictFailFast
+	default:
+		return nil, &InvalidArgumentError{Field: "affinity", Reason: fmt.Sprintf("unknown value %d (use HINT, STRICT_QUEUE or STRICT_FAIL_FAST)", in.GetAffinity())}
+	}
+	return req, nil
+}
+
+func responseToProto(res *Result) *snakepitv1.ExecuteResponse {
 	return &snakepitv1.ExecuteResponse{
 		Result: res.Payload,
 		RanOn: &snakepitv1.Placement{
@@ -43,7 +88,47 @@ func (s *service) Execute(ctx context.Context, in *snakepitv1.ExecuteRequest) (*
 		Queued:    durationpb.New(res.Queued),
 		Ran:       durationpb.New(res.Ran),
 		RequestId: res.RequestID,
-	}, nil
+		Session:   sessionOutcomeProto(res.Session),
+	}
+}
+
+func sessionOutcomeProto(o SessionOutcome) snakepitv1.SessionOutcome {
+	switch o {
+	case SessionNew:
+		return snakepitv1.SessionOutcome_SESSION_OUTCOME_NEW
+	case SessionBound:
+		return snakepitv1.SessionOutcome_SESSION_OUTCOME_BOUND
+	case SessionUnavailable:
+		return snakepitv1.SessionOutcome_SESSION_OUTCOME_UNAVAILABLE
+	case SessionReset:
+		return snakepitv1.SessionOutcome_SESSION_OUTCOME_RESET
+	}
+	return snakepitv1.SessionOutcome_SESSION_OUTCOME_UNSPECIFIED
+}
+
+func (s *service) CloseSession(_ context.Context, in *snakepitv1.CloseSessionRequest) (*snakepitv1.CloseSessionResponse, error) {
+	closed, err := s.node.CloseSession(in.GetPool(), in.GetSessionId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &snakepitv1.CloseSessionResponse{Closed: closed}, nil
+}
+
+func (s *service) ListSessions(_ context.Context, in *snakepitv1.ListSessionsRequest) (*snakepitv1.ListSessionsResponse, error) {
+	list, err := s.node.Sessions(in.GetPool())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	now := time.Now()
+	out := &snakepitv1.ListSessionsResponse{}
+	for _, ss := range list {
+		out.Sessions = append(out.Sessions, &snakepitv1.Session{
+			SessionId: ss.ID, Pool: ss.Pool, WorkerId: uint64(ss.WorkerID), WorkerGeneration: uint64(ss.Generation),
+			Age: durationpb.New(now.Sub(ss.Created)), Idle: durationpb.New(now.Sub(ss.LastUsed)),
+			Calls: ss.Calls, InFlight: uint32(ss.InFlight),
+		})
+	}
+	return out, nil
 }
 
 func (s *service) ListTools(_ context.Context, in *snakepitv1.ListToolsRequest) (*snakepitv1.ListToolsResponse, error) {

@@ -40,6 +40,8 @@ type Request struct {
 	RequestID     string
 	CorrelationID string
 	Idempotent    bool
+	// Affinity applies to calls with a SessionID.
+	Affinity Affinity
 }
 
 // Result is the outcome of a successful call.
@@ -52,6 +54,8 @@ type Result struct {
 	Queued     time.Duration
 	Ran        time.Duration
 	RequestID  string
+	// Session says what the call found of its session's state.
+	Session SessionOutcome
 }
 
 // Node runs the pools of one host. Create it with New, start it with Run.
@@ -69,6 +73,7 @@ type Node struct {
 	ready    chan struct{}
 	runID    string
 	procs    *procRecord
+	sessions atomic.Int64 // sessions of all pools
 	healthCh chan struct{}
 }
 
@@ -236,6 +241,19 @@ func (n *Node) pool(name string) (*Pool, error) {
 // before the worker gets the call. When ctx is cancelled (the client went
 // away), the call is cancelled in Python.
 func (n *Node) Execute(ctx context.Context, req *Request) (*Result, error) {
+	return n.execute(ctx, req, nil)
+}
+
+// ExecuteStream runs a call of a streaming tool, handing each item it
+// yields (as JSON) to emit, in order; the result carries the value the
+// generator returned. emit blocking (a slow client) makes the generator
+// wait: at most the pool's stream_window of items is buffered. An error
+// from emit cancels the call.
+func (n *Node) ExecuteStream(ctx context.Context, req *Request, emit func([]byte) error) (*Result, error) {
+	return n.execute(ctx, req, emit)
+}
+
+func (n *Node) execute(ctx context.Context, req *Request, emit func([]byte) error) (*Result, error) {
 	arrived := time.Now()
 	if req.Tool == "" {
 		return nil, &InvalidArgumentError{Field: "tool", Reason: "must name a tool (see ListTools)"}
@@ -258,11 +276,47 @@ func (n *Node) Execute(ctx context.Context, req *Request) (*Result, error) {
 		ctx, cancel = context.WithTimeout(ctx, p.cfg.CallTimeout)
 		defer cancel()
 	}
-	res, err := p.execute(ctx, req, arrived)
+	if len(req.SessionID) > maxIDLen || len(req.RequestID) > maxIDLen {
+		return nil, &InvalidArgumentError{Field: "session_id/request_id", Reason: fmt.Sprintf("must be at most %d bytes", maxIDLen)}
+	}
+	res, err := p.execute(ctx, req, arrived, emit)
 	if res != nil {
 		res.RequestID = req.RequestID
 	}
 	return res, err
+}
+
+// maxIDLen bounds session and request ids.
+const maxIDLen = 1024
+
+// CloseSession drops a session, and its state in Python. It reports false
+// when the pool had no such session.
+func (n *Node) CloseSession(pool, id string) (bool, error) {
+	p, err := n.pool(pool)
+	if err != nil {
+		return false, err
+	}
+	if id == "" {
+		return false, &InvalidArgumentError{Field: "session_id", Reason: "must not be empty"}
+	}
+	return p.closeSession(id), nil
+}
+
+// Sessions lists the sessions of one pool, or of all pools when pool is
+// empty.
+func (n *Node) Sessions(pool string) ([]SessionStatus, error) {
+	if pool != "" {
+		p, err := n.pool(pool)
+		if err != nil {
+			return nil, err
+		}
+		return p.sessionList(), nil
+	}
+	var out []SessionStatus
+	for _, name := range n.order {
+		out = append(out, n.pools[name].sessionList()...)
+	}
+	return out, nil
 }
 
 // validateArgs checks that args is a JSON object without decoding it.

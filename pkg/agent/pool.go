@@ -55,8 +55,15 @@ type proc struct {
 	busy      int  // calls given to the worker and not yet released
 	live      bool // in p.ready, taking calls
 	recycling bool // a replacement was asked for
-	idle      chan struct{}
-	idleShut  bool
+	// retireWhenIdle: leave service the moment no call runs (a recycled
+	// worker that still serves its sessions).
+	retireWhenIdle bool
+	idle           chan struct{}
+	idleShut       bool
+	// waiters are calls that wait for this worker only (strict affinity).
+	waiters []*waiter
+	// sessions counts the sessions bound to this worker.
+	sessions int
 }
 
 // markIdleLocked closes pr.idle once pr is out of service and holds no call.
@@ -71,6 +78,9 @@ func (pr *proc) markIdleLocked() {
 type recycleRequest struct {
 	gen    worker.Generation
 	reason string
+	// soft requests (max_calls, max_age) let the worker's sessions finish
+	// their calls; the others (memory, ignored cancellation) do not wait.
+	soft bool
 }
 
 // slot is one worker position of a pool, served by a succession of
@@ -120,6 +130,8 @@ type Pool struct {
 	names   []string // sorted tool names
 	readyCh chan struct{}
 	failCh  chan struct{}
+	// sessions maps session ids to their binding.
+	sessions map[string]*session
 
 	served   atomic.Uint64
 	errors   atomic.Uint64
@@ -134,8 +146,9 @@ func newPool(n *Node, cfg PoolConfig) *Pool {
 		node:    n,
 		log:     n.log.With().Str("pool", cfg.Name).Logger(),
 		state:   PoolStarting,
-		readyCh: make(chan struct{}),
-		failCh:  make(chan struct{}),
+		readyCh:  make(chan struct{}),
+		failCh:   make(chan struct{}),
+		sessions: map[string]*session{},
 	}
 	for i := 0; i < cfg.Size; i++ {
 		p.slots = append(p.slots, &slot{id: worker.ID(i), recycle: make(chan recycleRequest, 1)})
@@ -272,7 +285,15 @@ func (p *Pool) superviseSlot(ctx context.Context, s *slot) {
 			}
 			old := pr
 			pr = next
-			p.retire(old)
+			p.mu.Lock()
+			if old.sessions > 0 && old.busy > 0 && req.soft {
+				// Its sessions' calls may still finish there; it leaves
+				// service the moment none runs (see release).
+				old.retireWhenIdle = true
+			} else {
+				p.retireLocked(old)
+			}
+			p.mu.Unlock()
 			p.wg.Add(1)
 			go func() {
 				defer p.wg.Done()
@@ -321,6 +342,7 @@ func (p *Pool) drainAndStop(ctx context.Context, old *proc) {
 			Dur("recycle_drain_timeout", p.cfg.RecycleDrainTimeout).Msg("recycled worker still busy; stopping it")
 	case <-ctx.Done():
 	}
+	p.retire(old)
 	old.w.Stop(p.cfg.StopGrace)
 }
 
@@ -375,18 +397,21 @@ func (p *Pool) Restarts() map[string]uint64 {
 	return out
 }
 
-// monitor recycles workers past their age or memory limits.
+// monitor expires idle sessions and recycles workers past their age or
+// memory limits.
 func (p *Pool) monitor(ctx context.Context) {
-	if p.cfg.MaxAge <= 0 && p.cfg.MaxMemoryMB <= 0 {
-		return
-	}
-	t := time.NewTicker(p.node.cfg.MonitorInterval)
+	t := time.NewTicker(min(p.node.cfg.MonitorInterval, max(p.cfg.SessionIdleTimeout/2, time.Millisecond)))
 	defer t.Stop()
 	for {
+		var now time.Time
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case now = <-t.C:
+		}
+		p.expireSessions(now)
+		if p.cfg.MaxAge <= 0 && p.cfg.MaxMemoryMB <= 0 {
+			continue
 		}
 		p.mu.Lock()
 		procs := slices.Clone(p.ready)
@@ -424,9 +449,19 @@ func (p *Pool) requestRecycleLocked(pr *proc, reason string) {
 	if pr.recycling || !pr.live || p.state == PoolStopping {
 		return
 	}
+	soft := reason == "max_calls" || reason == "max_age"
+	if soft && pr.sessions > 0 {
+		// Prefer recycling workers without sessions: one that holds some
+		// waits while another worker of the pool is being recycled.
+		for _, o := range p.ready {
+			if o != pr && o.recycling {
+				return
+			}
+		}
+	}
 	pr.recycling = true
 	select {
-	case pr.slot.recycle <- recycleRequest{gen: pr.w.Generation(), reason: reason}:
+	case pr.slot.recycle <- recycleRequest{gen: pr.w.Generation(), reason: reason, soft: soft}:
 	default:
 	}
 }
@@ -574,9 +609,20 @@ func toolNames(ts []worker.Tool) []string {
 func (p *Pool) retire(pr *proc) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.retireLocked(pr)
+}
+
+func (p *Pool) retireLocked(pr *proc) {
 	if !pr.live {
 		return
 	}
+	for _, wt := range pr.waiters {
+		if !wt.abandoned {
+			p.queued--
+			wt.ch <- nil // errTargetGone
+		}
+	}
+	pr.waiters = nil
 	pr.live = false
 	if pr.slot.cur == pr {
 		pr.slot.cur = nil
@@ -611,8 +657,21 @@ func (p *Pool) pickLocked() *proc {
 	return best
 }
 
-// grantLocked hands pr to the first live waiter; it reports whether it did.
+// grantLocked hands pr to the first live waiter, its own (strict session
+// calls) before the pool's; it reports whether it did.
 func (p *Pool) grantLocked(pr *proc) bool {
+	for len(pr.waiters) > 0 {
+		wt := pr.waiters[0]
+		pr.waiters[0] = nil
+		pr.waiters = pr.waiters[1:]
+		if wt.abandoned {
+			continue
+		}
+		p.queued--
+		pr.busy++
+		wt.ch <- pr
+		return true
+	}
 	if pr.recycling {
 		return false
 	}
@@ -635,6 +694,9 @@ func (p *Pool) grantLocked(pr *proc) bool {
 func (p *Pool) release(pr *proc) {
 	p.mu.Lock()
 	pr.busy--
+	if pr.live && pr.retireWhenIdle && pr.busy == 0 && len(pr.waiters) == 0 {
+		p.retireLocked(pr)
+	}
 	if pr.live {
 		if p.cfg.MaxCalls > 0 && pr.w.Served() >= uint64(p.cfg.MaxCalls) {
 			p.requestRecycleLocked(pr, "max_calls")
@@ -662,6 +724,13 @@ func (p *Pool) acquire(ctx context.Context) (*proc, error) {
 		p.mu.Unlock()
 		return pr, nil
 	}
+	return p.queueLocked(ctx, nil)
+}
+
+// queueLocked waits for a slot: on any worker when target is nil, else on
+// target only. It is called with p.mu held and releases it. A target that
+// leaves service while the call waits yields errTargetGone.
+func (p *Pool) queueLocked(ctx context.Context, target *proc) (*proc, error) {
 	if p.state == PoolFailed || p.state == PoolStopping || (len(p.ready) == 0 && p.allTaintedLocked()) {
 		err := &PoolUnavailableError{Pool: p.cfg.Name, State: p.state.String(), Reason: p.reason}
 		p.mu.Unlock()
@@ -673,7 +742,11 @@ func (p *Pool) acquire(ctx context.Context) (*proc, error) {
 		return nil, &QueueFullError{Pool: p.cfg.Name, Depth: p.cfg.QueueDepth, RetryAfter: p.retryAfter()}
 	}
 	wt := &waiter{ch: make(chan *proc, 1)}
-	p.waiters = append(p.waiters, wt)
+	if target != nil {
+		target.waiters = append(target.waiters, wt)
+	} else {
+		p.waiters = append(p.waiters, wt)
+	}
 	p.queued++
 	p.mu.Unlock()
 
@@ -682,6 +755,9 @@ func (p *Pool) acquire(ctx context.Context) (*proc, error) {
 	var err error
 	select {
 	case pr := <-wt.ch:
+		if pr == nil {
+			return nil, errTargetGone
+		}
 		return pr, nil
 	case <-ctx.Done():
 		err = ctx.Err()
@@ -692,9 +768,11 @@ func (p *Pool) acquire(ctx context.Context) (*proc, error) {
 	p.mu.Lock()
 	select {
 	case pr := <-wt.ch:
-		// Granted while we gave up: hand the slot on.
+		// Granted (or failed) while we gave up: hand the slot on.
 		p.mu.Unlock()
-		p.release(pr)
+		if pr != nil {
+			p.release(pr)
+		}
 		return nil, err
 	default:
 	}
@@ -703,6 +781,9 @@ func (p *Pool) acquire(ctx context.Context) (*proc, error) {
 	p.mu.Unlock()
 	return nil, err
 }
+
+// errTargetGone reports that the worker a call waited for left service.
+var errTargetGone = errors.New("the worker left service while the call waited for it")
 
 // allTaintedLocked reports whether every slot is in its taint cool-down.
 func (p *Pool) allTaintedLocked() bool {
@@ -722,10 +803,11 @@ func (p *Pool) retryAfter() time.Duration {
 	return max(q[0], 10*time.Millisecond)
 }
 
-// execute runs one call in the pool.
-func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time) (*Result, error) {
+// execute runs one call in the pool. With emit set, the call is a stream:
+// each item the tool yields goes to emit.
+func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time, emit func([]byte) error) (*Result, error) {
 	p.mu.Lock()
-	_, ok := p.tools[req.Tool]
+	t, ok := p.tools[req.Tool]
 	var known []string
 	if !ok && p.tools != nil {
 		known = p.names
@@ -735,11 +817,19 @@ func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time) (*R
 	if !ok && hasTools {
 		return nil, &UnknownToolError{Pool: p.cfg.Name, Tool: req.Tool, Known: known}
 	}
-	res, err := p.executeOnce(ctx, req, arrived)
+	if ok && t.Streaming && emit == nil {
+		return nil, &InvalidArgumentError{Field: "tool", Reason: fmt.Sprintf("%s yields a stream: call ExecuteStream (spctl exec --stream)", req.Tool)}
+	}
+	emitted := false
+	if emit != nil {
+		inner := emit
+		emit = func(b []byte) error { emitted = true; return inner(b) }
+	}
+	res, err := p.executeOnce(ctx, req, arrived, emit)
 	var ee *worker.ExitError
-	if err != nil && req.Idempotent && errors.As(err, &ee) && ctx.Err() == nil {
+	if err != nil && req.Idempotent && !emitted && errors.As(err, &ee) && ctx.Err() == nil {
 		p.log.Info().Str("request_id", req.RequestID).Uint64("worker_id", uint64(ee.ID)).Uint64("generation", uint64(ee.Generation)).Msg("retrying idempotent call after worker exit")
-		res, err = p.executeOnce(ctx, req, arrived)
+		res, err = p.executeOnce(ctx, req, arrived, emit)
 	}
 	if err != nil {
 		p.errors.Add(1)
@@ -750,8 +840,20 @@ func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time) (*R
 	return res, err
 }
 
-func (p *Pool) executeOnce(ctx context.Context, req *Request, arrived time.Time) (*Result, error) {
-	pr, err := p.acquire(ctx)
+func (p *Pool) executeOnce(ctx context.Context, req *Request, arrived time.Time, emit func([]byte) error) (*Result, error) {
+	var (
+		pr      *proc
+		outcome SessionOutcome
+		err     error
+	)
+	if req.SessionID != "" {
+		pr, outcome, err = p.acquireSession(ctx, req)
+		if err == nil {
+			defer p.callDone(req.SessionID)
+		}
+	} else {
+		pr, err = p.acquire(ctx)
+	}
 	queued := time.Since(arrived)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
@@ -767,14 +869,21 @@ func (p *Pool) executeOnce(ctx context.Context, req *Request, arrived time.Time)
 			return nil, &DeadlineError{Pool: p.cfg.Name, Stage: StageQueued, Queued: queued}
 		}
 	}
-	payload, err := pr.w.Call(ctx, &worker.Call{
-		Tool:          req.Tool,
-		Args:          req.Args,
-		SessionID:     req.SessionID,
-		RequestID:     req.RequestID,
-		CorrelationID: req.CorrelationID,
-		Timeout:       timeout,
-	})
+	call := &worker.Call{
+		Tool:             req.Tool,
+		Args:             req.Args,
+		SessionID:        req.SessionID,
+		RequestID:        req.RequestID,
+		CorrelationID:    req.CorrelationID,
+		Timeout:          timeout,
+		SessionTransient: outcome == SessionUnavailable,
+	}
+	var payload []byte
+	if emit != nil {
+		payload, err = pr.w.Stream(ctx, call, p.cfg.StreamWindow, emit)
+	} else {
+		payload, err = pr.w.Call(ctx, call)
+	}
 	ran := time.Since(arrived) - queued
 	if err != nil {
 		var te *worker.ToolError
@@ -791,6 +900,7 @@ func (p *Pool) executeOnce(ctx context.Context, req *Request, arrived time.Time)
 		Generation: pr.w.Generation(),
 		Queued:     queued,
 		Ran:        ran,
+		Session:    outcome,
 	}, nil
 }
 
@@ -897,6 +1007,7 @@ func (p *Pool) status() PoolStatus {
 			ws.InFlight = pr.busy
 			ws.Served = pr.w.Served()
 			ws.Started = pr.w.Started()
+			ws.Sessions = pr.sessions
 			st.Busy += pr.busy
 		}
 		st.Workers = append(st.Workers, ws)

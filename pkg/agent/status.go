@@ -34,6 +34,10 @@ const (
 	ReasonResultTooLarge  = "RESULT_TOO_LARGE"
 	ReasonToolCancelled   = "TOOL_CANCELLED"
 	ReasonShuttingDown    = "SHUTTING_DOWN"
+	ReasonSessionLost     = "SESSION_LOST"
+	ReasonSessionBusy     = "SESSION_WORKER_BUSY"
+	ReasonSessionLimit    = "SESSION_LIMIT"
+	ReasonStreamRequired  = "STREAM_REQUIRED"
 )
 
 // toStatus is the one table that maps the node's errors to gRPC statuses,
@@ -52,8 +56,20 @@ func toStatus(err error) error {
 		pue *PoolUnavailableError
 		ee  *worker.ExitError
 		te  *worker.ToolError
+		sle *SessionLostError
+		sbe *SessionBusyError
+		sme *SessionLimitError
 	)
 	switch {
+	case errors.As(err, &sle):
+		return withDetails(codes.FailedPrecondition, err, info(ReasonSessionLost, "pool", sle.Pool, "session_id", sle.SessionID,
+			"worker_id", ms(int64(sle.WorkerID)), "generation", ms(int64(sle.Generation)), "affinity", sle.Mode.String()))
+	case errors.As(err, &sbe):
+		return withDetails(codes.ResourceExhausted, err, info(ReasonSessionBusy, "pool", sbe.Pool, "session_id", sbe.SessionID,
+			"worker_id", ms(int64(sbe.WorkerID)), "generation", ms(int64(sbe.Generation))),
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(sbe.RetryAfter)})
+	case errors.As(err, &sme):
+		return withDetails(codes.ResourceExhausted, err, info(ReasonSessionLimit, "pool", sme.Pool, "limit", sme.Limit, "max", strconv.Itoa(sme.Max)))
 	case errors.As(err, &upe):
 		return withDetails(codes.NotFound, err, info(ReasonUnknownPool, "pool", upe.Pool, "pools", strings.Join(upe.Known, ",")))
 	case errors.As(err, &ute):
@@ -91,6 +107,8 @@ func toStatus(err error) error {
 			return withDetails(codes.NotFound, err, info(ReasonUnknownTool))
 		case worker.KindEncode:
 			return withDetails(codes.Unknown, err, info(ReasonResultNotJSON))
+		case worker.KindStreamRequired:
+			return withDetails(codes.InvalidArgument, err, info(ReasonStreamRequired))
 		case worker.KindTooLarge:
 			return withDetails(codes.ResourceExhausted, err, info(ReasonResultTooLarge))
 		case worker.KindCancelled:
