@@ -495,6 +495,10 @@ func (w *Worker) readLoop() {
 			if p == nil {
 				continue // answered after the process was declared dead
 			}
+			// Release the slot before the caller learns the outcome, so
+			// that its next call finds the worker free.
+			w.served.Add(1)
+			w.release()
 			if t == frameResult {
 				p.ch <- reply{payload: payload}
 			} else {
@@ -504,8 +508,6 @@ func (w *Worker) readLoop() {
 				}
 				p.ch <- reply{err: te}
 			}
-			w.served.Add(1)
-			w.release()
 		case frameHello:
 			if helloSeen {
 				w.fatal(CauseProtocol, errors.New("second hello frame"))

@@ -142,3 +142,54 @@ def ignore_term() -> int:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return os.getpid()
+
+
+@tool
+def tally(ctx: Context) -> dict:
+    """Count this session's calls in its store."""
+    if ctx.session is None:
+        return {"n": None, "pid": os.getpid()}
+    ctx.session["n"] = ctx.session.get("n", 0) + 1
+    return {"n": ctx.session["n"], "pid": os.getpid()}
+
+
+@tool
+def count_stream(n: int, size: int = 0):
+    """Yield n items (with size bytes of padding each); return n."""
+    pad = "x" * size
+    for i in range(n):
+        yield {"i": i, "pad": pad}
+    return n
+
+
+@tool
+def endless_stream(marker: str):
+    """Yield forever; write to marker how it ended."""
+    i = 0
+    try:
+        while True:
+            yield i
+            i += 1
+    except BaseException as e:
+        with open(marker, "w") as f:
+            f.write(type(e).__name__)
+        raise
+
+
+@tool
+def fail_stream(n: int):
+    for i in range(n):
+        yield i
+    raise RuntimeError("stream broke after %d items" % n)
+
+
+@tool
+def progress_stream(n: int, size: int, progress: str):
+    """Yield n items; every 1000 items, write how many were produced."""
+    pad = "x" * size
+    for i in range(n):
+        if i % 1000 == 0:
+            with open(progress, "w") as f:
+                f.write(str(i))
+        yield {"i": i, "pad": pad}
+    return n
