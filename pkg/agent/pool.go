@@ -142,10 +142,10 @@ type Pool struct {
 
 func newPool(n *Node, cfg PoolConfig) *Pool {
 	p := &Pool{
-		cfg:     cfg,
-		node:    n,
-		log:     n.log.With().Str("pool", cfg.Name).Logger(),
-		state:   PoolStarting,
+		cfg:      cfg,
+		node:     n,
+		log:      n.log.With().Str("pool", cfg.Name).Logger(),
+		state:    PoolStarting,
 		readyCh:  make(chan struct{}),
 		failCh:   make(chan struct{}),
 		sessions: map[string]*session{},
