@@ -65,7 +65,7 @@ func newRootCmd(ctx context.Context) *cobra.Command {
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline of each call to the node")
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	cmd.AddCommand(newExecCmd(g), newToolsCmd(g), newStatusCmd(g))
+	cmd.AddCommand(newExecCmd(g), newToolsCmd(g), newStatusCmd(g), newSessionsCmd(g))
 	return cmd
 }
 

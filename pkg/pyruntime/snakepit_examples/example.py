@@ -53,3 +53,23 @@ def fail(message: str = "failed on purpose"):
 def whoami(ctx: Context) -> dict:
     """Report the worker process and the call's ids."""
     return {"pid": os.getpid(), "request_id": ctx.request_id, "session_id": ctx.session_id}
+
+
+@tool
+def count(n: int = 10, delay: float = 0.0):
+    """Yield 0..n-1, one at a time: a streaming tool (spctl exec --stream)."""
+    for i in range(n):
+        if delay:
+            time.sleep(delay)
+        yield i
+
+
+@tool
+def note(ctx: Context, text: str = "") -> list:
+    """Add text to this session's notes and return them all (use --session)."""
+    if ctx.session is None:
+        raise ValueError("note keeps state per session: pass a session id")
+    notes = ctx.session.setdefault("notes", [])
+    if text:
+        notes.append(text)
+    return notes
