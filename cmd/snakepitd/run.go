@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/mattn/go-isatty"
 	"github.com/rs/zerolog"
@@ -39,6 +42,7 @@ type options struct {
 	logLevel   string
 	logFormat  string
 	listenFile string
+	pprofAddr  string
 }
 
 func newRootCmd(ctx context.Context, stdout, stderr io.Writer) *cobra.Command {
@@ -78,6 +82,7 @@ See configs/snakepitd.yaml for every key.`,
 	f.String("state-dir", "", "state directory (default: $STATE_DIRECTORY, else ~/.local/state/snakepitd)")
 	f.StringVar(&opts.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&opts.logFormat, "log-format", "auto", "log format: json, console, or auto (console on a terminal)")
+	f.StringVar(&opts.pprofAddr, "pprof-addr", "", "serve Go's pprof profiles over HTTP on this address (e.g. 127.0.0.1:6060); off when empty")
 	f.StringVar(&opts.listenFile, "listen-file", "", "write the bound gRPC address to this file once listening (for scripts and tests using port 0)")
 	cmd.AddCommand(&cobra.Command{
 		Use:   "version",
@@ -192,6 +197,13 @@ func serve(ctx context.Context, cfg agent.Config, log zerolog.Logger, opts optio
 			}
 		}
 	}()
+	if opts.pprofAddr != "" {
+		stopPprof, err := servePprof(opts.pprofAddr, log)
+		if err != nil {
+			return err
+		}
+		defer stopPprof()
+	}
 	done := make(chan error, 1)
 	go func() {
 		done <- agent.Serve(ctx, cfg, log, agent.Hooks{
@@ -210,4 +222,23 @@ func serve(ctx context.Context, cfg agent.Config, log zerolog.Logger, opts optio
 	case s := <-forced:
 		return errors.New("second " + s.String() + ": exiting without a clean stop")
 	}
+}
+
+// servePprof serves net/http/pprof's handlers on addr (never on the gRPC
+// port) and returns a function that stops it.
+func servePprof(addr string, log zerolog.Logger) (func(), error) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--pprof-addr %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(lis) }()
+	log.Info().Str("addr", lis.Addr().String()).Msg("serving pprof")
+	return func() { _ = srv.Close() }, nil
 }

@@ -54,6 +54,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fn   func(context.Context, options, *report) error
 	}{
 		{"call", benchCall},
+		{"startup", benchStartup},
+		{"stream", benchStream},
 	}
 	for _, s := range sections {
 		if o.only != "" && !slices.Contains(strings.Split(o.only, ","), s.name) {
@@ -326,3 +328,5 @@ func benchCall(ctx context.Context, o options, r *report) error {
 	})
 	return nil
 }
+
+func slicesSort(d []time.Duration) { slices.Sort(d) }

@@ -70,7 +70,7 @@ const (
 	DefaultRecycleDrainTimeout = 30 * time.Second
 	// DefaultRestartBackoffMin and DefaultRestartBackoffMax bound the
 	// exponential back-off between restarts of a crashing worker.
-	DefaultRestartBackoffMin = 100 * time.Millisecond
+	DefaultRestartBackoffMin = 20 * time.Millisecond
 	DefaultRestartBackoffMax = 30 * time.Second
 	// DefaultRestartBudget is how many crashes of one worker slot within
 	// DefaultRestartWindow are tolerated before the slot is tainted and

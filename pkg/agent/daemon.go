@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"runtime"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -61,6 +62,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	}
 	srv := grpc.NewServer(
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
+		grpc.NumStreamWorkers(uint32(4 * runtime.NumCPU())),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(recoverUnary(n.log)),

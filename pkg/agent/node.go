@@ -140,7 +140,11 @@ func (n *Node) Run(ctx context.Context) error {
 		return err
 	}
 	for _, name := range n.order {
-		n.pools[name].env = n.pools[name].environment(rt)
+		p := n.pools[name]
+		p.env = p.environment(rt)
+		if err := p.resolvePython(ctx); err != nil {
+			return err
+		}
 	}
 	poolCtx, stopPools := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopPools()

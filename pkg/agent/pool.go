@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -112,6 +113,8 @@ type Pool struct {
 	node *Node
 	log  zerolog.Logger
 	env  []string
+	// python is the interpreter's resolved path (see resolvePython).
+	python string
 	// gpus[i] lists the GPU UUIDs worker slot i may use (it becomes the
 	// worker's CUDA_VISIBLE_DEVICES); nil when the pool uses no GPU. Set
 	// before run and never changed.
@@ -201,6 +204,35 @@ func (p *Pool) environment(runtimeDir string) []string {
 		out = append(out, k+"="+env[k])
 	}
 	return out
+}
+
+// resolvePython asks the pool's interpreter for its real path, once, so
+// that launchers in front of it (pyenv shims, wrapper scripts) are paid for
+// once and not at every worker start: with a pyenv shim that is about 100
+// ms of each start. A virtualenv's interpreter reports its own path, so the
+// virtualenv is kept.
+func (p *Pool) resolvePython(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.StartTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, p.cfg.Python, "-c", "import sys; sys.stdout.write(sys.executable or '')")
+	cmd.Env = p.env
+	cmd.Dir = p.cfg.Dir
+	out, err := cmd.Output()
+	if err != nil {
+		var ee *exec.ExitError
+		detail := err.Error()
+		if errors.As(err, &ee) && len(ee.Stderr) > 0 {
+			detail = strings.TrimSpace(string(ee.Stderr))
+		}
+		return fmt.Errorf("pools[%s].python: cannot run %q: %s", p.cfg.Name, p.cfg.Python, detail)
+	}
+	p.python = p.cfg.Python
+	if path := strings.TrimSpace(string(out)); path != "" {
+		if st, err := os.Stat(path); err == nil && !st.IsDir() && st.Mode()&0o111 != 0 {
+			p.python = path
+		}
+	}
+	return nil
 }
 
 // slotEnv is the environment of slot id's workers: the pool's, and the
@@ -480,7 +512,7 @@ func (p *Pool) startProc(ctx context.Context, s *slot) (*proc, error) {
 		Pool:              p.cfg.Name,
 		ID:                s.id,
 		Generation:        gen,
-		Python:            p.cfg.Python,
+		Python:            p.python,
 		Adapter:           p.cfg.Adapter,
 		Capacity:          p.cfg.Capacity,
 		Env:               p.slotEnv(s.id),
