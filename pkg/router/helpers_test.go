@@ -1,0 +1,67 @@
+package router
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"testing"
+)
+
+// uniform returns n healthy peers node-000.. serving pool "p" with slots
+// each.
+func uniform(n, slots int) []Peer {
+	ps := make([]Peer, n)
+	for i := range ps {
+		ps[i] = Peer{ID: NodeID(fmt.Sprintf("node-%03d", i)), Healthy: true, Pools: map[string]int{"p": slots}}
+	}
+	return ps
+}
+
+func mustTable(t testing.TB, peers []Peer, local NodeID) *Table {
+	t.Helper()
+	tb, err := NewTable(peers, local)
+	if err != nil {
+		t.Fatalf("NewTable: %v", err)
+	}
+	return tb
+}
+
+func ids(cs []Candidate) []NodeID {
+	out := make([]NodeID, len(cs))
+	for i, c := range cs {
+		out[i] = c.ID
+	}
+	return out
+}
+
+func sessionKey(i int) string { return fmt.Sprintf("session-%d", i) }
+
+// referenceRank is the obvious implementation of session ranking: score
+// every eligible peer, sort everything, keep the first max. Rank must agree
+// with it exactly.
+func referenceRank(t *Table, req Request) []NodeID {
+	pl := t.pool(req.Pool)
+	if pl == nil {
+		return nil
+	}
+	s := pl.ready
+	if req.IncludeUnhealthy {
+		s = pl.any
+	}
+	h := hashString(req.SessionID)
+	var all []Candidate
+	for _, sl := range s.slots {
+		if !t.usable(sl.idx, &req) {
+			continue
+		}
+		all = append(all, Candidate{ID: t.peers[sl.idx].ID, Index: int(sl.idx), Score: score(draw(h, sl.hash), sl.invW)})
+	}
+	slices.SortFunc(all, func(a, b Candidate) int {
+		return cmp.Or(cmp.Compare(a.Score, b.Score), cmp.Compare(a.ID, b.ID))
+	})
+	max := req.Max
+	if max == 0 {
+		max = DefaultMax
+	}
+	return ids(all[:min(max, len(all))])
+}

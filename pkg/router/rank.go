@@ -1,0 +1,402 @@
+package router
+
+import (
+	"math"
+	"math/bits"
+	"slices"
+	"strings"
+)
+
+// DefaultMax is the number of candidates Rank returns when Request.Max is 0:
+// the choice and two fallbacks.
+const DefaultMax = 3
+
+// Constraints are a call's placement requirements. The zero value accepts
+// every peer.
+type Constraints struct {
+	// GPU: the peer has at least one GPU.
+	GPU bool
+	// MinGPUMemoryMiB: the peer's largest GPU has at least this much memory
+	// (implies GPU).
+	MinGPUMemoryMiB int
+	// GPUModel: one of the peer's GPU models equals this, ignoring case
+	// (implies GPU).
+	GPUModel string
+	// Labels: the peer has every one of these labels with the same value.
+	Labels map[string]string
+}
+
+func (c *Constraints) isZero() bool {
+	return !c.GPU && c.MinGPUMemoryMiB <= 0 && c.GPUModel == "" && len(c.Labels) == 0
+}
+
+// Request is what Rank needs to know about one call.
+type Request struct {
+	// SessionID selects rendezvous placement; empty means sessionless.
+	SessionID string
+	// Pool is the pool that serves the call (the agent resolves tools to
+	// pools before routing).
+	Pool string
+	// Need filters peers by hardware and labels.
+	Need Constraints
+	// Exclude lists peers not to return: peers ejected after failed calls,
+	// or, for drain, the node handing its sessions over ("who owns session
+	// S if node X is gone" is Rank with Exclude: X, Max: 1).
+	Exclude []NodeID
+	// IncludeUnhealthy also ranks unhealthy peers (never cordoned, draining
+	// or incompatible ones). Strict affinity uses it to find the owner of a
+	// session while the owner is down, to wait for it until a break-glass
+	// lease runs out. Candidate.Healthy tells which is which.
+	IncludeUnhealthy bool
+	// Max is how many candidates to return; 0 means DefaultMax. Rank's cost
+	// grows with Max; it is meant to be small.
+	Max int
+	// Rand is a random value from the caller, used only for sessionless
+	// calls; the same Rand over the same Table and loads gives the same
+	// answer.
+	Rand uint64
+}
+
+// Candidate is one peer in Rank's answer.
+type Candidate struct {
+	// ID and Index identify the peer (Index as in Table.Peer).
+	ID    NodeID
+	Index int
+	// Score is what the peer was ranked by, lower first: for sessions the
+	// rendezvous score -ln(u)/slots, for sessionless calls its load.
+	Score float64
+	// Local: the peer is the local node. Healthy: as in Peer.
+	Local   bool
+	Healthy bool
+}
+
+// Loads gives the latest load signal of each peer, by Table index: calls in
+// flight plus queued, per worker slot. NaN and negative values count as 0
+// (no signal yet: the peer is worth trying). Implementations must be safe
+// for concurrent use if Rank is called concurrently.
+type Loads interface {
+	Load(peer int) float64
+}
+
+// LoadSlice is a Loads backed by a slice indexed like the Table; peers past
+// its end have load 0. Converting a slice to an interface allocates, so
+// convert it to Loads once, not per call.
+type LoadSlice []float64
+
+// Load implements Loads.
+func (l LoadSlice) Load(peer int) float64 {
+	if peer < len(l) {
+		return l[peer]
+	}
+	return 0
+}
+
+// Rank appends to dst the candidates for req, best first, at most req.Max,
+// and returns the extended slice. It does not allocate when dst has room for
+// the candidates. loads is used for sessionless calls only and may be nil
+// (all peers idle).
+//
+// Sessions: the candidates are the eligible peers in rendezvous order. The
+// first is the session's owner, the second its next owner, and so on; the
+// order depends only on the session id and the set of eligible peers with
+// their slots, never on loads or on the order of the peers.
+//
+// Sessionless: the first candidate is the power-of-two choice (the lower
+// load of two peers drawn from req.Rand; the local node on a tie, and
+// whenever its load is not above the choice's), the rest the other eligible
+// peers by load.
+//
+// When no peer is eligible, Rank returns dst unchanged and an error:
+// ErrUnknownPool when no peer lists the pool, *UnsatisfiableError when no
+// peer serving the pool meets a constraint, ErrNoPeers (wrapped, with each
+// peer's reason) when peers meet the constraints but none can take the call.
+func (t *Table) Rank(req Request, loads Loads, dst []Candidate) ([]Candidate, error) {
+	pl := t.pool(req.Pool)
+	if pl == nil {
+		return dst, t.explain(&req, nil)
+	}
+	s := &pl.ready
+	if req.IncludeUnhealthy {
+		s = &pl.any
+	}
+	k := req.Max
+	if k <= 0 {
+		k = DefaultMax
+	}
+	k = min(k, len(s.slots))
+	if k == 0 {
+		return dst, t.explain(&req, pl)
+	}
+	base := len(dst)
+	dst = slices.Grow(dst, k)
+	var n int
+	if req.SessionID != "" {
+		n = t.rendezvous(s, &req, dst[base:base+k])
+	} else {
+		n = t.twoChoices(s, &req, loads, dst[base:base+k])
+	}
+	if n == 0 {
+		return dst, t.explain(&req, pl)
+	}
+	dst = dst[:base+n]
+	for i := base; i < len(dst); i++ {
+		c := &dst[i]
+		p := &t.peers[c.Index]
+		c.ID, c.Local, c.Healthy = p.ID, c.Index == t.local, p.Healthy
+	}
+	return dst, nil
+}
+
+// Owner returns the first candidate for req (its Max is ignored): for a
+// session, its owner among the eligible peers not in req.Exclude.
+func (t *Table) Owner(req Request) (Candidate, error) {
+	var buf [1]Candidate
+	req.Max = 1
+	c, err := t.Rank(req, nil, buf[:0])
+	if err != nil {
+		return Candidate{}, err
+	}
+	return c[0], nil
+}
+
+// usable reports whether peer i passes the request's per-call filters (the
+// table-level ones are already applied to the span).
+func (t *Table) usable(i int32, req *Request) bool {
+	p := &t.peers[i]
+	for _, id := range req.Exclude {
+		if p.ID == id {
+			return false
+		}
+	}
+	return satisfies(&p.Peer, &req.Need)
+}
+
+func satisfies(p *Peer, c *Constraints) bool {
+	if (c.GPU || c.MinGPUMemoryMiB > 0 || c.GPUModel != "") && p.GPUCount < 1 {
+		return false
+	}
+	if p.GPUMemoryMiB < c.MinGPUMemoryMiB {
+		return false
+	}
+	if c.GPUModel != "" && !hasModel(p, c.GPUModel) {
+		return false
+	}
+	for k, v := range c.Labels {
+		if got, ok := p.Labels[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
+}
+
+func hasModel(p *Peer, model string) bool {
+	for _, m := range p.GPUModels {
+		if strings.EqualFold(m, model) {
+			return true
+		}
+	}
+	return false
+}
+
+// pruneSlack widens the pruning bound so that rounding can never skip a
+// peer whose exact score would have made the cut (see rendezvous).
+const pruneSlack = 1 + 0x1p-30
+
+// rendezvous fills out (len k) with the k best eligible peers of s for the
+// session and returns how many it found.
+//
+// Each peer's score is E/w where E = -ln(u) is an Exp(1) draw from the
+// hash of (session, peer) and w the peer's slots: the minimum of such
+// independent exponentials falls on peer i with probability w_i/Σw, which
+// is weighted rendezvous hashing. Only the best k are kept, in a small
+// sorted array. As -ln(u) >= 1-u, the cheap bound (1-u)/w rejects most
+// peers without scoring them: once k candidates are held, a peer is scored
+// only if its bound is below the k-th score (with a relative slack of
+// 2^-30, far above the few ulps of rounding in either value).
+func (t *Table) rendezvous(s *span, req *Request, out []Candidate) int {
+	h := hashString(req.SessionID)
+	k := len(out)
+	var stack [8]entry
+	top := stack[:0]
+	if k > len(stack) {
+		top = make([]entry, 0, k)
+	}
+	worst, cut := math.Inf(1), math.Inf(1)
+	constrained := len(req.Exclude) > 0 || !req.Need.isZero()
+	slots := s.slots
+	for i := range slots {
+		sl := &slots[i]
+		d := draw(h, sl.hash)
+		// 1-u = (2^53-d)·2^-53 (exact) bounds -ln(u) from below.
+		vi := 1<<53 - d
+		lb := float64(float64(int64(vi))*0x1p-53) * sl.invW
+		if lb > cut {
+			continue
+		}
+		var sc float64
+		if vi < 1<<52 {
+			// score's common case, inlined: lb·g(v), g >= 1, so sc >= lb.
+			e := &gTable[vi>>gShift]
+			g := e.y + float64(float64(vi&(1<<gShift-1))*(1.0/(1<<gShift))*e.slope)
+			sc = lb * g
+		} else {
+			sc = score(d, sl.invW)
+		}
+		if sc > worst || sc == worst && t.peers[sl.idx].ID > t.peers[top[k-1].idx].ID {
+			continue
+		}
+		if constrained && !t.usable(sl.idx, req) {
+			continue
+		}
+		j := len(top)
+		if j < k {
+			top = top[:j+1]
+		} else {
+			j--
+		}
+		for j > 0 && t.before(sc, sl.idx, top[j-1]) {
+			top[j] = top[j-1]
+			j--
+		}
+		top[j] = entry{score: sc, idx: sl.idx}
+		if len(top) == k {
+			worst = top[k-1].score
+			cut = worst * pruneSlack
+		}
+	}
+	for i, e := range top {
+		out[i] = Candidate{Index: int(e.idx), Score: e.score}
+	}
+	return len(top)
+}
+
+// entry is a ranked peer while ranking.
+type entry struct {
+	score float64
+	idx   int32
+}
+
+// before orders by score, then by ID, so the order is total and the same
+// on every router.
+func (t *Table) before(score float64, idx int32, e entry) bool {
+	if score != e.score {
+		return score < e.score
+	}
+	return t.peers[idx].ID < t.peers[e.idx].ID
+}
+
+// pick maps r uniformly onto [0, n).
+func pick(r uint64, n int) int {
+	hi, _ := bits.Mul64(r, uint64(n))
+	return int(hi)
+}
+
+func loadOf(loads Loads, i int32) float64 {
+	if loads == nil {
+		return 0
+	}
+	l := loads.Load(int(i))
+	if !(l > 0) { // NaN, negative, zero
+		return 0
+	}
+	return l
+}
+
+// twoChoices fills out with the power-of-two choice followed by the other
+// eligible peers by load, and returns how many it found.
+func (t *Table) twoChoices(s *span, req *Request, loads Loads, out []Candidate) int {
+	constrained := len(req.Exclude) > 0 || !req.Need.isZero()
+	r1, r2 := mix(req.Rand^k0), mix(req.Rand^k1)
+
+	// Draw two distinct eligible positions a, b of s.slots.
+	a, b := -1, -1
+	if !constrained {
+		m := len(s.slots)
+		a = pick(r1, m)
+		if m > 1 {
+			b = pick(r2, m-1)
+			if b >= a {
+				b++
+			}
+		}
+	} else {
+		m := 0
+		for i := range s.slots {
+			if t.usable(s.slots[i].idx, req) {
+				m++
+			}
+		}
+		if m == 0 {
+			return 0
+		}
+		ra, rb := pick(r1, m), -1
+		if m > 1 {
+			rb = pick(r2, m-1)
+			if rb >= ra {
+				rb++
+			}
+		}
+		j := 0
+		for i := range s.slots {
+			if !t.usable(s.slots[i].idx, req) {
+				continue
+			}
+			switch j {
+			case ra:
+				a = i
+			case rb:
+				b = i
+			}
+			j++
+		}
+	}
+
+	win := a
+	wl := loadOf(loads, s.slots[a].idx)
+	if b >= 0 {
+		if bl := loadOf(loads, s.slots[b].idx); bl < wl || bl == wl && b == s.local {
+			win, wl = b, bl
+		}
+	}
+	if l := s.local; l >= 0 && l != win && (!constrained || t.usable(s.slots[l].idx, req)) {
+		if ll := loadOf(loads, s.slots[l].idx); ll <= wl {
+			win, wl = l, ll
+		}
+	}
+	out[0] = Candidate{Index: int(s.slots[win].idx), Score: wl}
+	if len(out) == 1 {
+		return 1
+	}
+
+	// Fallbacks: the k-1 least loaded of the others; equal loads are
+	// ordered by a hash of (Rand, peer) so they spread across calls.
+	rest := out[1:]
+	n := 0
+	for i := range s.slots {
+		if i == win {
+			continue
+		}
+		sl := &s.slots[i]
+		if constrained && !t.usable(sl.idx, req) {
+			continue
+		}
+		c := Candidate{Index: int(sl.idx), Score: loadOf(loads, sl.idx)}
+		tie := mix(r1 ^ sl.hash)
+		j := n
+		if n == len(rest) {
+			last := rest[n-1]
+			if c.Score > last.Score || c.Score == last.Score && tie >= mix(r1^t.peers[last.Index].hash) {
+				continue
+			}
+			j = n - 1
+		} else {
+			n++
+		}
+		for j > 0 && (c.Score < rest[j-1].Score || c.Score == rest[j-1].Score && tie < mix(r1^t.peers[rest[j-1].Index].hash)) {
+			rest[j] = rest[j-1]
+			j--
+		}
+		rest[j] = c
+	}
+	return 1 + n
+}
