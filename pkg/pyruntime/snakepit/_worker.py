@@ -9,7 +9,6 @@ reserved u16, request id u64) followed by the payload. The daemon's Go side
 (pkg/worker/protocol.go) is the authority on the layout.
 """
 
-import asyncio
 import importlib
 import importlib.util
 import inspect
@@ -443,6 +442,8 @@ class Worker(object):
     def _run_async(self, coro):
         loop = getattr(self.local, "loop", None)
         if loop is None:
+            import asyncio  # only adapters with async tools pay for it
+
             loop = asyncio.new_event_loop()
             self.local.loop = loop
         return loop.run_until_complete(coro)
