@@ -49,9 +49,10 @@ func referenceRank(t *Table, req Request) []NodeID {
 		s = pl.any
 	}
 	h := hashString(req.SessionID)
+	f := newFilter(&req)
 	var all []Candidate
 	for _, sl := range s.slots {
-		if !t.usable(sl.idx, &req) {
+		if !t.usable(sl.idx, &f) {
 			continue
 		}
 		all = append(all, Candidate{ID: t.peers[sl.idx].ID, Index: int(sl.idx), Score: score(draw(h, sl.hash), sl.invW)})

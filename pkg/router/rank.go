@@ -159,29 +159,63 @@ func (t *Table) Owner(req Request) (Candidate, error) {
 	return c[0], nil
 }
 
-// usable reports whether peer i passes the request's per-call filters (the
-// table-level ones are already applied to the span).
-func (t *Table) usable(i int32, req *Request) bool {
+// filter is a request's per-call conditions (constraints and exclusions),
+// flattened once per call so that checking a peer costs no map iteration.
+// The table-level conditions are already applied to the span.
+type filter struct {
+	on      bool // false: every peer of the span passes
+	gpu     bool
+	minMem  int
+	model   string
+	nlabels int
+	labels  [8][2]string      // the first nlabels are used
+	more    map[string]string // labels when there are more than 8
+	exclude []NodeID
+}
+
+func newFilter(req *Request) filter {
+	c := &req.Need
+	f := filter{
+		on:      len(req.Exclude) > 0 || !c.isZero(),
+		gpu:     c.GPU || c.MinGPUMemoryMiB > 0 || c.GPUModel != "",
+		minMem:  c.MinGPUMemoryMiB,
+		model:   c.GPUModel,
+		exclude: req.Exclude,
+	}
+	if len(c.Labels) > len(f.labels) {
+		f.more = c.Labels
+		return f
+	}
+	for k, v := range c.Labels {
+		f.labels[f.nlabels] = [2]string{k, v}
+		f.nlabels++
+	}
+	return f
+}
+
+// usable reports whether peer i passes f.
+func (t *Table) usable(i int32, f *filter) bool {
+	if !f.on {
+		return true
+	}
 	p := &t.peers[i]
-	for _, id := range req.Exclude {
+	for _, id := range f.exclude {
 		if p.ID == id {
 			return false
 		}
 	}
-	return satisfies(&p.Peer, &req.Need)
-}
-
-func satisfies(p *Peer, c *Constraints) bool {
-	if (c.GPU || c.MinGPUMemoryMiB > 0 || c.GPUModel != "") && p.GPUCount < 1 {
+	if f.gpu && p.GPUCount < 1 || p.GPUMemoryMiB < f.minMem {
 		return false
 	}
-	if p.GPUMemoryMiB < c.MinGPUMemoryMiB {
+	if f.model != "" && !hasModel(&p.Peer, f.model) {
 		return false
 	}
-	if c.GPUModel != "" && !hasModel(p, c.GPUModel) {
-		return false
+	for _, kv := range f.labels[:f.nlabels] {
+		if got, ok := p.Labels[kv[0]]; !ok || got != kv[1] {
+			return false
+		}
 	}
-	for k, v := range c.Labels {
+	for k, v := range f.more {
 		if got, ok := p.Labels[k]; !ok || got != v {
 			return false
 		}
@@ -222,7 +256,7 @@ func (t *Table) rendezvous(s *span, req *Request, out []Candidate) int {
 		top = make([]entry, 0, k)
 	}
 	worst, cut := math.Inf(1), math.Inf(1)
-	constrained := len(req.Exclude) > 0 || !req.Need.isZero()
+	f := newFilter(req)
 	slots := s.slots
 	for i := range slots {
 		sl := &slots[i]
@@ -245,7 +279,7 @@ func (t *Table) rendezvous(s *span, req *Request, out []Candidate) int {
 		if sc > worst || sc == worst && t.peers[sl.idx].ID > t.peers[top[k-1].idx].ID {
 			continue
 		}
-		if constrained && !t.usable(sl.idx, req) {
+		if f.on && !t.usable(sl.idx, &f) {
 			continue
 		}
 		j := len(top)
@@ -305,12 +339,12 @@ func loadOf(loads Loads, i int32) float64 {
 // twoChoices fills out with the power-of-two choice followed by the other
 // eligible peers by load, and returns how many it found.
 func (t *Table) twoChoices(s *span, req *Request, loads Loads, out []Candidate) int {
-	constrained := len(req.Exclude) > 0 || !req.Need.isZero()
+	f := newFilter(req)
 	r1, r2 := mix(req.Rand^k0), mix(req.Rand^k1)
 
 	// Draw two distinct eligible positions a, b of s.slots.
 	a, b := -1, -1
-	if !constrained {
+	if !f.on {
 		m := len(s.slots)
 		a = pick(r1, m)
 		if m > 1 {
@@ -322,7 +356,7 @@ func (t *Table) twoChoices(s *span, req *Request, loads Loads, out []Candidate) 
 	} else {
 		m := 0
 		for i := range s.slots {
-			if t.usable(s.slots[i].idx, req) {
+			if t.usable(s.slots[i].idx, &f) {
 				m++
 			}
 		}
@@ -338,7 +372,7 @@ func (t *Table) twoChoices(s *span, req *Request, loads Loads, out []Candidate) 
 		}
 		j := 0
 		for i := range s.slots {
-			if !t.usable(s.slots[i].idx, req) {
+			if !t.usable(s.slots[i].idx, &f) {
 				continue
 			}
 			switch j {
@@ -358,7 +392,7 @@ func (t *Table) twoChoices(s *span, req *Request, loads Loads, out []Candidate) 
 			win, wl = b, bl
 		}
 	}
-	if l := s.local; l >= 0 && l != win && (!constrained || t.usable(s.slots[l].idx, req)) {
+	if l := s.local; l >= 0 && l != win && t.usable(s.slots[l].idx, &f) {
 		if ll := loadOf(loads, s.slots[l].idx); ll <= wl {
 			win, wl = l, ll
 		}
@@ -368,35 +402,47 @@ func (t *Table) twoChoices(s *span, req *Request, loads Loads, out []Candidate) 
 		return 1
 	}
 
-	// Fallbacks: the k-1 least loaded of the others; equal loads are
-	// ordered by a hash of (Rand, peer) so they spread across calls.
-	rest := out[1:]
-	n := 0
+	// Fallbacks: the k-1 least loaded of the others. Equal loads are
+	// ordered by a hash of (Rand, peer), so they spread across calls.
+	k := len(out) - 1
+	var stack [8]loadEntry
+	top := stack[:0]
+	if k > len(stack) {
+		top = make([]loadEntry, 0, k)
+	}
 	for i := range s.slots {
-		if i == win {
-			continue
-		}
 		sl := &s.slots[i]
-		if constrained && !t.usable(sl.idx, req) {
+		if i == win || f.on && !t.usable(sl.idx, &f) {
 			continue
 		}
-		c := Candidate{Index: int(sl.idx), Score: loadOf(loads, sl.idx)}
-		tie := mix(r1 ^ sl.hash)
-		j := n
-		if n == len(rest) {
-			last := rest[n-1]
-			if c.Score > last.Score || c.Score == last.Score && tie >= mix(r1^t.peers[last.Index].hash) {
+		e := loadEntry{load: loadOf(loads, sl.idx), tie: mix(r1 ^ sl.hash), idx: sl.idx}
+		j := len(top)
+		if j == k {
+			if !e.before(top[k-1]) {
 				continue
 			}
-			j = n - 1
+			j--
 		} else {
-			n++
+			top = top[:j+1]
 		}
-		for j > 0 && (c.Score < rest[j-1].Score || c.Score == rest[j-1].Score && tie < mix(r1^t.peers[rest[j-1].Index].hash)) {
-			rest[j] = rest[j-1]
+		for j > 0 && e.before(top[j-1]) {
+			top[j] = top[j-1]
 			j--
 		}
-		rest[j] = c
+		top[j] = e
 	}
-	return 1 + n
+	for i, e := range top {
+		out[1+i] = Candidate{Index: int(e.idx), Score: e.load}
+	}
+	return 1 + len(top)
+}
+
+type loadEntry struct {
+	load float64
+	tie  uint64
+	idx  int32
+}
+
+func (e loadEntry) before(o loadEntry) bool {
+	return e.load < o.load || e.load == o.load && e.tie < o.tie
 }
