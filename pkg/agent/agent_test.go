@@ -28,7 +28,8 @@ func TestMain(m *testing.M) {
 
 // testNode is a node served in-process on a loopback port.
 type testNode struct {
-	addr string
+	addr        string
+	metricsAddr string
 	conn *client.Conn
 	sp   snakepitv1.SnakepitClient
 	stop func() error
@@ -49,7 +50,7 @@ func testConfig(t testing.TB, pools ...PoolConfig) Config {
 	if len(pools) == 0 {
 		pools = []PoolConfig{{Name: "test", Adapter: testAdapter(t, "tools.py"), Size: 2}}
 	}
-	return Config{NodeID: "node-a", Listen: "127.0.0.1:0", StateDir: t.TempDir(), Pools: pools, ShutdownGrace: 10 * time.Second}
+	return Config{NodeID: "node-a", Listen: "127.0.0.1:0", MetricsListen: "127.0.0.1:0", StateDir: t.TempDir(), Pools: pools, ShutdownGrace: 10 * time.Second}
 }
 
 // startNode serves cfg and waits until it is ready.
@@ -57,12 +58,14 @@ func startNode(t testing.TB, cfg Config) *testNode {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	addrCh := make(chan string, 1)
+	metricsCh := make(chan string, 1)
 	ready := make(chan struct{})
 	errCh := make(chan error, 1)
 	go func() {
 		errCh <- Serve(ctx, cfg, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel), Hooks{
-			Listening: func(a net.Addr) { addrCh <- a.String() },
-			Ready:     func() { close(ready) },
+			Listening:        func(a net.Addr) { addrCh <- a.String() },
+			MetricsListening: func(a net.Addr) { metricsCh <- a.String() },
+			Ready:            func() { close(ready) },
 		})
 	}()
 	var addr string
@@ -88,6 +91,10 @@ func startNode(t testing.TB, cfg Config) *testNode {
 	var once sync.Once
 	var stopErr error
 	tn := &testNode{addr: addr, conn: c, sp: c.Snakepit}
+	select {
+	case tn.metricsAddr = <-metricsCh:
+	default:
+	}
 	tn.stop = func() error {
 		once.Do(func() {
 			c.Close()

@@ -20,6 +20,8 @@ import (
 const (
 	// DefaultListen is the gRPC address a node serves on.
 	DefaultListen = client.DefaultAddress
+	// DefaultMetricsListen is where a node serves Prometheus metrics.
+	DefaultMetricsListen = "127.0.0.1:7421"
 	// DefaultMaxMessageBytes bounds a request or response message, and a
 	// frame between the daemon and a worker.
 	DefaultMaxMessageBytes = 16 << 20
@@ -101,6 +103,9 @@ type Config struct {
 	NodeID string `mapstructure:"node_id"`
 	// Listen is the gRPC address (host:port).
 	Listen string `mapstructure:"listen"`
+	// MetricsListen is the HTTP address of /metrics (Prometheus); "off"
+	// disables it.
+	MetricsListen string `mapstructure:"metrics_listen"`
 	// StateDir holds what survives a restart: the Python runtime copy and
 	// the record of running workers. Empty means DefaultStateDir().
 	StateDir string `mapstructure:"state_dir"`
@@ -201,6 +206,7 @@ type PoolConfig struct {
 func DefaultConfig() Config {
 	return Config{
 		Listen:           DefaultListen,
+		MetricsListen:    DefaultMetricsListen,
 		MaxMessageBytes:  DefaultMaxMessageBytes,
 		ShutdownGrace:    DefaultShutdownGrace,
 		StartConcurrency: DefaultStartConcurrency,
@@ -266,6 +272,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Listen == "" {
 		c.Listen = d.Listen
+	}
+	if c.MetricsListen == "" {
+		c.MetricsListen = d.MetricsListen
 	}
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir()
@@ -369,6 +378,11 @@ func (c Config) Validate() error {
 		bad("listen must be host:port (got %q): %v", c.Listen, err)
 	} else if port == "" {
 		bad("listen must include a port (got %q)", c.Listen)
+	}
+	if c.MetricsListen != "off" {
+		if _, port, err := splitHostPort(c.MetricsListen); err != nil || port == "" {
+			bad("metrics_listen must be host:port or \"off\" (got %q)", c.MetricsListen)
+		}
 	}
 	if c.MaxMessageBytes < 1024 {
 		bad("max_message_bytes must be at least 1024 (got %d)", c.MaxMessageBytes)

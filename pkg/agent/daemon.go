@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"runtime"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -23,6 +22,8 @@ import (
 type Hooks struct {
 	// Listening is called with the bound address before workers start.
 	Listening func(addr net.Addr)
+	// MetricsListening is called with the bound address of /metrics.
+	MetricsListening func(addr net.Addr)
 	// Ready is called once every pool is ready and health says SERVING.
 	Ready func()
 	// Stopping is called when shutdown begins.
@@ -60,9 +61,19 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	if hooks.Listening != nil {
 		hooks.Listening(lis.Addr())
 	}
+	if cfg.MetricsListen != "off" {
+		maddr, stopMetrics, err := n.metrics.serve(cfg.MetricsListen)
+		if err != nil {
+			lis.Close()
+			return fmt.Errorf("metrics_listen %s: %w", cfg.MetricsListen, err)
+		}
+		defer stopMetrics()
+		if hooks.MetricsListening != nil {
+			hooks.MetricsListening(maddr)
+		}
+	}
 	srv := grpc.NewServer(
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
-		grpc.NumStreamWorkers(uint32(4 * runtime.NumCPU())),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(recoverUnary(n.log)),

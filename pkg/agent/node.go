@@ -74,6 +74,7 @@ type Node struct {
 	runID    string
 	procs    *procRecord
 	sessions atomic.Int64 // sessions of all pools
+	metrics  *metrics
 	healthCh chan struct{}
 }
 
@@ -101,6 +102,7 @@ func New(cfg Config, log zerolog.Logger) (*Node, error) {
 		n.pools[pc.Name] = newPool(n, pc)
 		n.order = append(n.order, pc.Name)
 	}
+	n.metrics = newMetrics(n)
 	return n, nil
 }
 

@@ -528,6 +528,7 @@ func (p *Pool) startProc(ctx context.Context, s *slot) (*proc, error) {
 		CancelGrace:       p.cfg.CancelGrace,
 		OnCancelIgnored:   func(*worker.Worker) { p.requestRecycle(pr, "cancel_ignored") },
 		OnRelease:         func(*worker.Worker) { p.release(pr) },
+		OnExit:            func(*worker.Worker) { p.retire(pr) },
 		Logger:            p.node.log,
 	})
 	if err != nil {
@@ -859,6 +860,7 @@ func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time, emi
 	var ee *worker.ExitError
 	if err != nil && req.Idempotent && !emitted && errors.As(err, &ee) && ctx.Err() == nil {
 		p.log.Info().Str("request_id", req.RequestID).Uint64("worker_id", uint64(ee.ID)).Uint64("generation", uint64(ee.Generation)).Msg("retrying idempotent call after worker exit")
+		p.node.metrics.retries.WithLabelValues("worker_exited").Inc()
 		res, err = p.executeOnce(ctx, req, arrived, emit)
 	}
 	if err != nil {
@@ -866,7 +868,9 @@ func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time, emi
 	} else {
 		p.served.Add(1)
 	}
-	p.latency.record(time.Since(arrived))
+	took := time.Since(arrived)
+	p.latency.record(took)
+	p.node.metrics.observe(p.cfg.Name, res, err, took)
 	return res, err
 }
 

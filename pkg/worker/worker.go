@@ -104,6 +104,10 @@ type Spec struct {
 	// OnCancelIgnored is called (once per call) when a cancelled call is
 	// still running CancelGrace after its cancellation.
 	OnCancelIgnored func(*Worker)
+	// OnExit is called once when the process has exited, before any call
+	// in flight on it fails: the owner takes the worker out of service
+	// there, so that a retried call cannot pick it again.
+	OnExit func(*Worker)
 	// OnRelease is called once for every Call, after the worker's side of
 	// that call is over: its result or error arrived, the write failed, or
 	// the process died. A call abandoned by its caller (cancelled) is released
@@ -396,6 +400,9 @@ func (w *Worker) wait() {
 	w.mu.Lock()
 	w.closed = true
 	w.mu.Unlock()
+	if w.spec.OnExit != nil {
+		w.spec.OnExit(w)
+	}
 	close(w.exited)
 	// Give the output relays a moment to drain the last lines, which
 	// explain most crashes; a grandchild holding the pipes open must not
