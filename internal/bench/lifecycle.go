@@ -117,4 +117,3 @@ func bareInterpreters(ctx context.Context, o options, n, conc int) (time.Duratio
 	wg.Wait()
 	return time.Since(t0), firstErr
 }
-

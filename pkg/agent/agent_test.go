@@ -30,9 +30,9 @@ func TestMain(m *testing.M) {
 type testNode struct {
 	addr        string
 	metricsAddr string
-	conn *client.Conn
-	sp   snakepitv1.SnakepitClient
-	stop func() error
+	conn        *client.Conn
+	sp          snakepitv1.SnakepitClient
+	stop        func() error
 }
 
 func testAdapter(t testing.TB, name string) string {
