@@ -65,6 +65,18 @@ check: proto ## vet, gofmt, fresh generated code, and spctl's dependency firewal
 	  if [ -n "$$bad" ]; then echo "spctl must not depend on:"; echo "$$bad"; exit 1; fi
 	@echo "check: ok"
 
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+.PHONY: install
+install: build ## Install binaries, the systemd unit and an example config (PREFIX, DESTDIR)
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/snakepit $(DESTDIR)$(PREFIX)/share/doc/snakepit
+	install -m 0755 $(BIN)/snakepitd $(BIN)/spctl $(DESTDIR)$(PREFIX)/bin/
+	sed 's|/usr/local/|$(PREFIX)/|g' deploy/systemd/snakepitd.service > $(DESTDIR)/etc/systemd/system/snakepitd.service
+	test -e $(DESTDIR)/etc/snakepit/snakepitd.yaml || install -m 0644 configs/snakepitd.yaml $(DESTDIR)/etc/snakepit/snakepitd.yaml
+	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/snakepit/
+	@echo "installed; then: useradd --system snakepit; systemctl daemon-reload; systemctl enable --now snakepitd"
+
 .PHONY: tidy
 tidy: ## go mod tidy
 	$(GO) mod tidy

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/mattn/go-isatty"
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
@@ -207,6 +208,14 @@ func serve(ctx context.Context, cfg agent.Config, log zerolog.Logger, opts optio
 	done := make(chan error, 1)
 	go func() {
 		done <- agent.Serve(ctx, cfg, log, agent.Hooks{
+			Ready: func() {
+				if _, err := sddaemon.SdNotify(false, sddaemon.SdNotifyReady); err != nil {
+					log.Warn().Err(err).Msg("telling systemd we are ready")
+				}
+			},
+			Stopping: func() {
+				_, _ = sddaemon.SdNotify(false, sddaemon.SdNotifyStopping)
+			},
 			Listening: func(addr net.Addr) {
 				if opts.listenFile != "" {
 					if err := os.WriteFile(opts.listenFile, []byte(addr.String()+"\n"), 0o644); err != nil {
