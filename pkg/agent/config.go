@@ -106,6 +106,16 @@ type Config struct {
 	// MetricsListen is the HTTP address of /metrics (Prometheus); "off"
 	// disables it.
 	MetricsListen string `mapstructure:"metrics_listen"`
+	// AdminSocket is the local Unix socket that serves the Admin API (and
+	// the public one); empty means $RUNTIME_DIRECTORY/admin.sock, else
+	// <state_dir>/admin.sock; "off" disables it.
+	AdminSocket string `mapstructure:"admin_socket"`
+	// AdminSocketGroup owns the admin socket (mode 0660); empty keeps the
+	// daemon's group.
+	AdminSocketGroup string `mapstructure:"admin_socket_group"`
+	// AdminTokenFile holds a bearer token that grants the Admin API over
+	// TCP; empty means admin verbs only on the local socket.
+	AdminTokenFile string `mapstructure:"admin_token_file"`
 	// StateDir holds what survives a restart: the Python runtime copy and
 	// the record of running workers. Empty means DefaultStateDir().
 	StateDir string `mapstructure:"state_dir"`

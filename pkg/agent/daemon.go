@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -72,19 +73,47 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 			hooks.MetricsListening(maddr)
 		}
 	}
-	srv := grpc.NewServer(
-		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
-		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
-		grpc.ChainUnaryInterceptor(recoverUnary(n.log)),
-		grpc.ChainStreamInterceptor(recoverStream(n.log)),
-	)
-	snakepitv1.RegisterSnakepitServer(srv, &service{node: n})
+	auth, err := adminAuth(cfg.AdminTokenFile)
+	if err != nil {
+		lis.Close()
+		return err
+	}
+	newServer := func(interceptors ...grpc.UnaryServerInterceptor) *grpc.Server {
+		return grpc.NewServer(
+			grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
+			grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
+			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+			grpc.ChainUnaryInterceptor(append([]grpc.UnaryServerInterceptor{recoverUnary(n.log)}, interceptors...)...),
+			grpc.ChainStreamInterceptor(recoverStream(n.log)),
+		)
+	}
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	hs.SetServingStatus(snakepitv1.Snakepit_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
-	healthpb.RegisterHealthServer(srv, hs)
-	reflection.Register(srv)
+	register := func(s *grpc.Server) {
+		snakepitv1.RegisterSnakepitServer(s, &service{node: n})
+		snakepitv1.RegisterAdminServer(s, &adminService{node: n})
+		healthpb.RegisterHealthServer(s, hs)
+		reflection.Register(s)
+	}
+	// The TCP port serves everyone; its Admin verbs need the bearer token.
+	srv := newServer(auth)
+	register(srv)
+	// The local admin socket serves the same services to whoever may open
+	// it (mode 0660).
+	var adminSrv *grpc.Server
+	if path := AdminSocketPath(cfg); path != "" {
+		alis, err := listenAdminSocket(path, cfg.AdminSocketGroup)
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		defer os.Remove(path)
+		adminSrv = newServer()
+		register(adminSrv)
+		go func() { _ = adminSrv.Serve(alis) }()
+		n.log.Info().Str("admin_socket", path).Msg("serving admin socket")
+	}
 
 	log = n.log
 	nodeCtx, stopNode := context.WithCancel(context.WithoutCancel(ctx))
@@ -162,6 +191,9 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 		<-stopped
 	}
 	t.Stop()
+	if adminSrv != nil {
+		adminSrv.Stop()
+	}
 	stopNode()
 	nerr := <-nodeErr
 	if runErr != nil && !errors.Is(runErr, grpc.ErrServerStopped) {

@@ -75,6 +75,7 @@ type Node struct {
 	procs    *procRecord
 	sessions atomic.Int64 // sessions of all pools
 	metrics  *metrics
+	intent   *intentStore
 	healthCh chan struct{}
 }
 
@@ -103,6 +104,7 @@ func New(cfg Config, log zerolog.Logger) (*Node, error) {
 		n.order = append(n.order, pc.Name)
 	}
 	n.metrics = newMetrics(n)
+	n.intent = newIntentStore(cfg.StateDir)
 	return n, nil
 }
 
@@ -137,6 +139,13 @@ func (n *Node) Run(ctx context.Context) error {
 		n.log.Warn().Int("killed", killed).Msg("swept processes left by the previous run")
 	}
 	n.procs = newProcRecord(recordPath, n.runID, n.log)
+	if err := n.intent.load(); err != nil {
+		return err
+	}
+	n.applyIntentSizes()
+	if n.Cordoned() {
+		n.log.Warn().Msg("starting cordoned (operator intent from the previous run); uncordon to take routed work")
+	}
 	rt, err := pyruntime.Install(filepath.Join(n.cfg.StateDir, "runtime"))
 	if err != nil {
 		return err

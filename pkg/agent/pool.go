@@ -92,6 +92,10 @@ type slot struct {
 	id      worker.ID
 	cur     *proc // the process serving the slot, nil while none is ready
 	recycle chan recycleRequest
+	// stop is closed when a resize removes the slot; its worker then
+	// finishes its calls (at most stopDeadline) and is stopped.
+	stop         chan struct{}
+	stopDeadline time.Duration
 
 	// Crash accounting, guarded by Pool.mu.
 	crashes      []time.Time
@@ -137,6 +141,9 @@ type Pool struct {
 	failCh  chan struct{}
 	// sessions maps session ids to their binding.
 	sessions map[string]*session
+	// runCtx is run's context, for supervisors that resize starts.
+	runCtx   context.Context
+	nextSlot worker.ID
 
 	served   atomic.Uint64
 	errors   atomic.Uint64
@@ -156,8 +163,9 @@ func newPool(n *Node, cfg PoolConfig) *Pool {
 		sessions: map[string]*session{},
 	}
 	for i := 0; i < cfg.Size; i++ {
-		p.slots = append(p.slots, &slot{id: worker.ID(i), recycle: make(chan recycleRequest, 1)})
+		p.slots = append(p.slots, newSlot(worker.ID(i)))
 	}
+	p.nextSlot = worker.ID(cfg.Size)
 	return p
 }
 
@@ -250,13 +258,12 @@ func (p *Pool) slotEnv(id worker.ID) []string {
 // run supervises every slot of the pool until ctx is done, then stops the
 // workers. It returns when all worker processes are gone.
 func (p *Pool) run(ctx context.Context) {
+	p.mu.Lock()
+	p.runCtx = ctx
 	for _, s := range p.slots {
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			p.superviseSlot(ctx, s)
-		}()
+		p.startSupervisorLocked(ctx, s)
 	}
+	p.mu.Unlock()
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -265,11 +272,33 @@ func (p *Pool) run(ctx context.Context) {
 	p.wg.Wait()
 }
 
-// superviseSlot keeps a worker process running in the slot until ctx ends.
+func newSlot(id worker.ID) *slot {
+	return &slot{id: id, recycle: make(chan recycleRequest, 1), stop: make(chan struct{})}
+}
+
+func (p *Pool) startSupervisorLocked(ctx context.Context, s *slot) {
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.superviseSlot(ctx, s)
+	}()
+}
+
+// superviseSlot keeps a worker process running in the slot until ctx ends
+// or a resize removes the slot.
 func (p *Pool) superviseSlot(ctx context.Context, s *slot) {
 	backoff := p.cfg.RestartBackoffMin
 	var pr *proc
 	for {
+		select {
+		case <-s.stop:
+			if pr != nil {
+				p.retire(pr)
+				p.drainAndStop(ctx, pr, s.stopDeadline)
+			}
+			return
+		default:
+		}
 		if pr == nil {
 			var err error
 			pr, err = p.startProc(ctx, s)
@@ -300,6 +329,8 @@ func (p *Pool) superviseSlot(ctx context.Context, s *slot) {
 			if !sleepCtx(ctx, delay) {
 				return
 			}
+		case <-s.stop:
+			continue // handled at the top of the loop
 		case req := <-s.recycle:
 			if req.gen != pr.w.Generation() {
 				continue // asked for a generation already gone
@@ -331,7 +362,7 @@ func (p *Pool) superviseSlot(ctx context.Context, s *slot) {
 			p.wg.Add(1)
 			go func() {
 				defer p.wg.Done()
-				p.drainAndStop(ctx, old)
+				p.drainAndStop(ctx, old, p.cfg.RecycleDrainTimeout)
 			}()
 		case <-ctx.Done():
 			p.retire(pr)
@@ -364,16 +395,16 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 }
 
 // drainAndStop waits until a retired process has finished its calls (at
-// most recycle_drain_timeout), then stops it.
-func (p *Pool) drainAndStop(ctx context.Context, old *proc) {
-	t := time.NewTimer(p.cfg.RecycleDrainTimeout)
+// most timeout), then stops it.
+func (p *Pool) drainAndStop(ctx context.Context, old *proc, timeout time.Duration) {
+	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
 	case <-old.idle:
 	case <-old.w.Exited():
 	case <-t.C:
 		p.log.Warn().Uint64("worker_id", uint64(old.w.ID())).Uint64("generation", uint64(old.w.Generation())).
-			Dur("recycle_drain_timeout", p.cfg.RecycleDrainTimeout).Msg("recycled worker still busy; stopping it")
+			Dur("timeout", timeout).Msg("retired worker still busy; stopping it")
 	case <-ctx.Done():
 	}
 	p.retire(old)
@@ -585,7 +616,7 @@ func (p *Pool) updateStateLocked() {
 	case PoolStopping, PoolFailed:
 		return
 	case PoolStarting:
-		if len(p.ready) < p.cfg.MinReady {
+		if len(p.ready) < min(p.cfg.MinReady, len(p.slots)) {
 			return
 		}
 		close(p.readyCh)
@@ -602,7 +633,7 @@ func (p *Pool) updateStateLocked() {
 	}
 	if len(p.ready) < len(p.slots) {
 		p.state = PoolDegraded
-		p.reason = fmt.Sprintf("%d of %d workers ready; restarting the others", len(p.ready), len(p.slots))
+		p.reason = fmt.Sprintf("%d of %d workers ready; starting the others", len(p.ready), len(p.slots))
 	} else {
 		p.state = PoolReady
 		p.reason = ""

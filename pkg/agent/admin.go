@@ -1,0 +1,179 @@
+package agent
+
+import (
+	"context"
+	"crypto/subtle"
+
+	"fmt"
+	"net"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
+)
+
+// adminService implements snakepit.v1.Admin on a Node.
+type adminService struct {
+	snakepitv1.UnimplementedAdminServer
+	node *Node
+}
+
+func intentProto(in Intent) *snakepitv1.IntentResponse {
+	out := &snakepitv1.IntentResponse{Cordoned: in.Cordoned, Draining: in.Draining, PoolSizes: map[string]uint32{}}
+	for k, v := range in.PoolSizes {
+		out.PoolSizes[k] = uint32(v)
+	}
+	if !in.Updated.IsZero() {
+		out.Updated = timestamppb.New(in.Updated)
+	}
+	return out
+}
+
+func (a *adminService) Cordon(context.Context, *snakepitv1.CordonRequest) (*snakepitv1.CordonResponse, error) {
+	in, err := a.node.Cordon()
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &snakepitv1.CordonResponse{Intent: intentProto(in)}, nil
+}
+
+func (a *adminService) Uncordon(context.Context, *snakepitv1.UncordonRequest) (*snakepitv1.UncordonResponse, error) {
+	in, err := a.node.Uncordon()
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &snakepitv1.UncordonResponse{Intent: intentProto(in)}, nil
+}
+
+func (a *adminService) Intent(context.Context, *snakepitv1.IntentRequest) (*snakepitv1.IntentResponse, error) {
+	return intentProto(a.node.Intent()), nil
+}
+
+func (a *adminService) Resize(_ context.Context, in *snakepitv1.ResizeRequest) (*snakepitv1.ResizeResponse, error) {
+	p, err := a.node.pool(in.GetPool())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	prev, err := a.node.Resize(p.cfg.Name, int(in.GetSize()), in.GetDeadline().AsDuration())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &snakepitv1.ResizeResponse{Pool: p.cfg.Name, PreviousSize: uint32(prev), Size: in.GetSize()}, nil
+}
+
+func (a *adminService) ListWorkers(_ context.Context, in *snakepitv1.ListWorkersRequest) (*snakepitv1.ListWorkersResponse, error) {
+	st, err := (&service{node: a.node}).Status(context.Background(), &snakepitv1.StatusRequest{})
+	if err != nil {
+		return nil, err
+	}
+	if in.GetPool() != "" {
+		if _, err := a.node.pool(in.GetPool()); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	out := &snakepitv1.ListWorkersResponse{}
+	for _, p := range st.GetPools() {
+		if in.GetPool() != "" && p.GetName() != in.GetPool() {
+			continue
+		}
+		for _, w := range p.GetWorkers() {
+			out.Workers = append(out.Workers, &snakepitv1.PoolWorker{Pool: p.GetName(), Worker: w})
+		}
+	}
+	return out, nil
+}
+
+// adminAuth guards the Admin service on the TCP port: a caller must present
+// the bearer token from admin_token_file; without one configured, admin
+// verbs are served on the local socket only. Other services pass.
+func adminAuth(tokenFile string) (grpc.UnaryServerInterceptor, error) {
+	var token []byte
+	if tokenFile != "" {
+		b, err := os.ReadFile(tokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("admin_token_file: %w", err)
+		}
+		token = []byte(strings.TrimSpace(string(b)))
+		if len(token) < 16 {
+			return nil, fmt.Errorf("admin_token_file %s: the token must be at least 16 characters (got %d)", tokenFile, len(token))
+		}
+	}
+	prefix := "/" + snakepitv1.Admin_ServiceDesc.ServiceName + "/"
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if !strings.HasPrefix(info.FullMethod, prefix) {
+			return handler(ctx, req)
+		}
+		if token == nil {
+			return nil, status.Error(codes.PermissionDenied, "admin verbs are served on the node's local admin socket (admin_socket); over TCP they need admin_token_file set on the node and the token sent as a bearer token")
+		}
+		md, _ := metadata.FromIncomingContext(ctx)
+		for _, v := range md.Get("authorization") {
+			if got, ok := strings.CutPrefix(v, "Bearer "); ok && subtle.ConstantTimeCompare([]byte(got), token) == 1 {
+				return handler(ctx, req)
+			}
+		}
+		return nil, status.Error(codes.PermissionDenied, "admin verb without a valid bearer token (spctl --token-file)")
+	}, nil
+}
+
+// listenAdminSocket binds the local admin socket: mode 0660, group
+// admin_socket_group when set. A stale socket file of a dead daemon is
+// replaced; one in use by a running daemon is an error.
+func listenAdminSocket(path, group string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("admin_socket %s: %w", path, err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("admin_socket %s is in use by another running snakepitd (two daemons must not share a state directory)", path)
+	}
+	_ = os.Remove(path)
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("admin_socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		lis.Close()
+		return nil, fmt.Errorf("admin_socket %s: %w", path, err)
+	}
+	if group != "" {
+		g, err := user.LookupGroup(group)
+		if err != nil {
+			lis.Close()
+			return nil, fmt.Errorf("admin_socket_group %q: %w", group, err)
+		}
+		gid, _ := strconv.Atoi(g.Gid)
+		if err := os.Chown(path, -1, gid); err != nil {
+			lis.Close()
+			return nil, fmt.Errorf("admin_socket_group %q: %w", group, err)
+		}
+	}
+	return lis, nil
+}
+
+// AdminSocketPath resolves the admin socket of a config: admin_socket, else
+// $RUNTIME_DIRECTORY/admin.sock (systemd's RuntimeDirectory=), else
+// <state_dir>/admin.sock. "off" yields "".
+func AdminSocketPath(cfg Config) string {
+	switch cfg.AdminSocket {
+	case "off":
+		return ""
+	case "":
+	default:
+		return cfg.AdminSocket
+	}
+	if d := os.Getenv("RUNTIME_DIRECTORY"); d != "" {
+		return filepath.Join(strings.Split(d, ":")[0], "admin.sock")
+	}
+	return filepath.Join(cfg.withDefaults().StateDir, "admin.sock")
+}
