@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -X github.com/snakepit/snakepit/pkg/agent.Version=$(VERSION)
+LDFLAGS := -X github.com/snakepit/snakepit/pkg/agent.Version=$(VERSION) -X main.version=$(VERSION)
 BIN := bin
 TOOLS := $(CURDIR)/.tools/bin
 CONSUL := $(CURDIR)/.cache/bin/consul

@@ -57,7 +57,7 @@ func startDaemon(t *testing.T, bin, dir string, args ...string) *daemonProc {
 	t.Helper()
 	listenFile := filepath.Join(dir, "addr")
 	_ = os.Remove(listenFile) // left by an earlier run in the same dir
-	cmd := exec.Command(bin, append([]string{"--listen", "127.0.0.1:0", "--state-dir", filepath.Join(dir, "state"),
+	cmd := exec.Command(bin, append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--state-dir", filepath.Join(dir, "state"),
 		"--listen-file", listenFile, "--log-format", "json"}, args...)...)
 	cmd.Dir = dir
 	var stderr bytes.Buffer

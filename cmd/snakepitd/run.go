@@ -79,6 +79,7 @@ See configs/snakepitd.yaml for every key.`,
 	f := cmd.Flags()
 	f.StringVarP(&opts.configFile, "config", "c", "", "config file (YAML, TOML or JSON); also $SNAKEPIT_CONFIG")
 	f.String("listen", d.Listen, "gRPC address to serve on (host:port)")
+	f.String("metrics-listen", d.MetricsListen, `Prometheus /metrics address (host:port), or "off"`)
 	f.String("node-id", "", "node id, unique in the cluster (default: the host name)")
 	f.String("state-dir", "", "state directory (default: $STATE_DIRECTORY, else ~/.local/state/snakepitd)")
 	f.StringVar(&opts.logLevel, "log-level", "info", "log level: debug, info, warn, error")
@@ -98,9 +99,10 @@ See configs/snakepitd.yaml for every key.`,
 
 // flagKeys maps flags to config keys.
 var flagKeys = map[string]string{
-	"listen":    "listen",
-	"node-id":   "node_id",
-	"state-dir": "state_dir",
+	"listen":         "listen",
+	"metrics-listen": "metrics_listen",
+	"node-id":        "node_id",
+	"state-dir":      "state_dir",
 }
 
 // loadConfig builds the config: defaults < file < environment < flags.
@@ -112,6 +114,12 @@ func loadConfig(flags *pflag.FlagSet, file string) (agent.Config, error) {
 	v.AutomaticEnv()
 	d := agent.DefaultConfig()
 	v.SetDefault("listen", d.Listen)
+	v.SetDefault("metrics_listen", d.MetricsListen)
+	v.SetDefault("admin_socket", d.AdminSocket)
+	v.SetDefault("admin_socket_group", d.AdminSocketGroup)
+	v.SetDefault("admin_token_file", d.AdminTokenFile)
+	v.SetDefault("monitor_interval", d.MonitorInterval)
+	v.SetDefault("max_sessions", d.MaxSessions)
 	v.SetDefault("node_id", d.NodeID)
 	v.SetDefault("state_dir", d.StateDir)
 	v.SetDefault("max_message_bytes", d.MaxMessageBytes)

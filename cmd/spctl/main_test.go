@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -19,13 +20,24 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
+// startNode serves the default config (the example adapter) in-process and
+// returns its address and admin socket.
+func startNodeAdmin(t *testing.T) (string, string) {
+	t.Helper()
+	dir := t.TempDir()
+	return startNodeIn(t, dir), filepath.Join(dir, "admin.sock")
+}
+
 // startNode serves the default config (the example adapter) in-process.
-func startNode(t *testing.T) string {
+func startNode(t *testing.T) string { return startNodeIn(t, t.TempDir()) }
+
+func startNodeIn(t *testing.T, stateDir string) string {
 	t.Helper()
 	cfg := agent.DefaultConfig()
 	cfg.NodeID = "node-t"
 	cfg.Listen = "127.0.0.1:0"
-	cfg.StateDir = t.TempDir()
+	cfg.MetricsListen = "127.0.0.1:0"
+	cfg.StateDir = stateDir
 	ctx, cancel := context.WithCancel(context.Background())
 	addr := make(chan string, 1)
 	ready := make(chan struct{})
@@ -137,5 +149,42 @@ func TestSpctlAddressFromEnvironment(t *testing.T) {
 	t.Setenv("SNAKEPIT_ADDR", addr)
 	if code, out, errOut := spctl(t, "exec", "upper", "--args", `{"text": "env"}`); code != 0 || !strings.Contains(out, `"ENV"`) {
 		t.Fatalf("spctl with $SNAKEPIT_ADDR: %d %q %q", code, out, errOut)
+	}
+}
+
+func TestSpctlAdmin(t *testing.T) {
+	addr, sock := startNodeAdmin(t)
+	t.Setenv("SNAKEPIT_ADMIN_SOCKET", sock)
+	steps := []struct {
+		args   []string
+		code   int
+		stdout string
+		stderr string
+	}{
+		{[]string{"cordon"}, 0, "cordoned: true", ""},
+		{[]string{"uncordon"}, 0, "cordoned: false", ""},
+		{[]string{"resize", "default", "3"}, 0, "pool default: 2 -> 3 workers", ""},
+		{[]string{"workers"}, 0, "GENERATION", ""},
+		{[]string{"workers", "-o", "json"}, 0, `"workers"`, ""},
+		{[]string{"resize", "default", "zero"}, 2, "", "SIZE must be a positive whole number"},
+		{[]string{"resize", "default"}, 2, "", "resize takes POOL and SIZE"},
+		{[]string{"resize", "nope", "2"}, 1, "", `no pool "nope"`},
+		{[]string{"version", "--addr", addr}, 0, "snakepitd", ""},
+	}
+	for _, s := range steps {
+		code, out, errOut := spctl(t, s.args...)
+		if code != s.code || !strings.Contains(out, s.stdout) || !strings.Contains(errOut, s.stderr) {
+			t.Errorf("spctl %v = %d\nstdout: %s\nstderr: %s\nwant %d, stdout containing %q, stderr containing %q", s.args, code, out, errOut, s.code, s.stdout, s.stderr)
+		}
+	}
+	// Over TCP without a token the node refuses, and spctl says what to do.
+	code, _, errOut := spctl(t, "--addr", addr, "cordon")
+	if code != 1 || !strings.Contains(errOut, "PermissionDenied") || !strings.Contains(errOut, "admin socket") {
+		t.Errorf("cordon over TCP without a token: %d %q", code, errOut)
+	}
+	// No socket where spctl looks: a clear error.
+	t.Setenv("SNAKEPIT_ADMIN_SOCKET", filepath.Join(t.TempDir(), "none.sock"))
+	if code, _, errOut := spctl(t, "cordon"); code != 1 || !strings.Contains(errOut, "no admin socket at") {
+		t.Errorf("cordon without a socket: %d %q", code, errOut)
 	}
 }

@@ -18,9 +18,11 @@ import (
 
 // globalOpts are the flags every command takes.
 type globalOpts struct {
-	addr    string
-	output  string
-	timeout time.Duration
+	addr        string
+	output      string
+	timeout     time.Duration
+	adminSocket string
+	tokenFile   string
 }
 
 // usageError marks errors in how spctl was called (exit status 2).
@@ -64,8 +66,11 @@ func newRootCmd(ctx context.Context) *cobra.Command {
 	pf.StringVar(&g.addr, "addr", "", fmt.Sprintf("node address host:port (default $%s, else %s)", client.EnvAddress, client.DefaultAddress))
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline of each call to the node")
+	pf.StringVar(&g.adminSocket, "admin-socket", "", fmt.Sprintf("admin socket for cordon, uncordon, resize, workers (default $%s, else %s, else the make-run node's)", client.EnvAdminSocket, client.SystemdAdminSocket))
+	pf.StringVar(&g.tokenFile, "token-file", "", fmt.Sprintf("bearer token for admin verbs over TCP with --addr (default $%s)", client.EnvTokenFile))
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	cmd.AddCommand(newExecCmd(g), newToolsCmd(g), newStatusCmd(g), newSessionsCmd(g))
+	cmd.AddCommand(newExecCmd(g), newToolsCmd(g), newStatusCmd(g), newSessionsCmd(g),
+		newCordonCmd(g, true), newCordonCmd(g, false), newResizeCmd(g), newWorkersCmd(g), newVersionCmd(g))
 	return cmd
 }
 

@@ -257,19 +257,9 @@ func DefaultPool(name, adapter string) PoolConfig {
 
 // DefaultStateDir is where a node keeps its state when none is configured:
 // $STATE_DIRECTORY (set by systemd's StateDirectory=), else
-// $XDG_STATE_HOME/snakepitd, else ~/.local/state/snakepitd.
-func DefaultStateDir() string {
-	if d := os.Getenv("STATE_DIRECTORY"); d != "" {
-		return strings.Split(d, ":")[0]
-	}
-	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
-		return filepath.Join(d, "snakepitd")
-	}
-	if home, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(home, ".local", "state", "snakepitd")
-	}
-	return filepath.Join(os.TempDir(), fmt.Sprintf("snakepitd-%d", os.Getuid()))
-}
+// $XDG_STATE_HOME/snakepitd, else ~/.local/state/snakepitd. spctl finds the
+// admin socket there, so the rule lives in pkg/client.
+func DefaultStateDir() string { return client.DefaultStateDir() }
 
 // withDefaults returns the config with empty values replaced by defaults.
 // Zero means "the default" for every numeric key.

@@ -7,6 +7,7 @@ package client
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"google.golang.org/grpc"
@@ -21,6 +22,49 @@ const DefaultAddress = "127.0.0.1:7420"
 
 // EnvAddress is the environment variable that names the node spctl talks to.
 const EnvAddress = "SNAKEPIT_ADDR"
+
+// EnvAdminSocket names the admin socket spctl's admin verbs use.
+const EnvAdminSocket = "SNAKEPIT_ADMIN_SOCKET"
+
+// EnvTokenFile names a file holding the bearer token for admin verbs over
+// TCP.
+const EnvTokenFile = "SNAKEPIT_TOKEN_FILE"
+
+// SystemdAdminSocket is where a node run by the shipped systemd unit
+// (RuntimeDirectory=snakepitd) puts its admin socket.
+const SystemdAdminSocket = "/run/snakepitd/admin.sock"
+
+// DefaultStateDir is where a node keeps its state when none is configured:
+// $STATE_DIRECTORY (set by systemd's StateDirectory=), else
+// $XDG_STATE_HOME/snakepitd, else ~/.local/state/snakepitd.
+func DefaultStateDir() string {
+	if d := os.Getenv("STATE_DIRECTORY"); d != "" {
+		return strings.Split(d, ":")[0]
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "snakepitd")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "state", "snakepitd")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("snakepitd-%d", os.Getuid()))
+}
+
+// AdminSocket resolves the admin socket: the flag's value, else
+// $SNAKEPIT_ADMIN_SOCKET, else the systemd unit's socket when it exists,
+// else the one of a node with the default state directory (make run).
+func AdminSocket(flag string) string {
+	if flag != "" {
+		return flag
+	}
+	if s := os.Getenv(EnvAdminSocket); s != "" {
+		return s
+	}
+	if _, err := os.Stat(SystemdAdminSocket); err == nil {
+		return SystemdAdminSocket
+	}
+	return filepath.Join(DefaultStateDir(), "admin.sock")
+}
 
 // Address resolves the node address: the flag's value, else $SNAKEPIT_ADDR,
 // else DefaultAddress.
@@ -38,6 +82,7 @@ func Address(flag string) string {
 type Conn struct {
 	*grpc.ClientConn
 	Snakepit snakepitv1.SnakepitClient
+	Admin    snakepitv1.AdminClient
 }
 
 // Dial connects to the node at addr ("host:port" or "unix:///path").
@@ -52,5 +97,5 @@ func Dial(addr string, opts ...grpc.DialOption) (*Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", addr, err)
 	}
-	return &Conn{ClientConn: cc, Snakepit: snakepitv1.NewSnakepitClient(cc)}, nil
+	return &Conn{ClientConn: cc, Snakepit: snakepitv1.NewSnakepitClient(cc), Admin: snakepitv1.NewAdminClient(cc)}, nil
 }
