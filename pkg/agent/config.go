@@ -89,6 +89,13 @@ const (
 	DefaultMaxSessionsPerWorker = 1024
 	// DefaultMaxSessions bounds the sessions of the whole node.
 	DefaultMaxSessions = 65536
+	// DefaultMaxStreamsPerConnection bounds the concurrent calls (gRPC
+	// streams) of one client connection.
+	DefaultMaxStreamsPerConnection = 1000
+	// DefaultNewSessionsPerSecond and DefaultNewSessionsBurst bound how fast
+	// one client (by address) may open sessions.
+	DefaultNewSessionsPerSecond = 100.0
+	DefaultNewSessionsBurst     = 200
 	// DefaultStreamWindow is how many chunks of a stream may be in flight
 	// between a Python generator and the client before the generator waits.
 	DefaultStreamWindow = 32
@@ -129,6 +136,13 @@ type Config struct {
 	MonitorInterval time.Duration `mapstructure:"monitor_interval"`
 	// MaxSessions bounds the sessions of the node, all pools together.
 	MaxSessions int `mapstructure:"max_sessions"`
+	// MaxStreamsPerConnection bounds the concurrent calls of one client
+	// connection; more wait in the client.
+	MaxStreamsPerConnection int `mapstructure:"max_streams_per_connection"`
+	// NewSessionsPerSecond and NewSessionsBurst bound how fast one client
+	// address opens sessions; negative NewSessionsPerSecond disables it.
+	NewSessionsPerSecond float64 `mapstructure:"new_sessions_per_second"`
+	NewSessionsBurst     int     `mapstructure:"new_sessions_burst"`
 	// Pools are the worker pools; the first one is the default pool. Empty
 	// means one pool named DefaultPoolName serving DefaultAdapter.
 	Pools []PoolConfig `mapstructure:"pools"`
@@ -222,6 +236,10 @@ func DefaultConfig() Config {
 		StartConcurrency: DefaultStartConcurrency,
 		MonitorInterval:  DefaultMonitorInterval,
 		MaxSessions:      DefaultMaxSessions,
+
+		MaxStreamsPerConnection: DefaultMaxStreamsPerConnection,
+		NewSessionsPerSecond:    DefaultNewSessionsPerSecond,
+		NewSessionsBurst:        DefaultNewSessionsBurst,
 	}
 }
 
@@ -290,6 +308,15 @@ func (c Config) withDefaults() Config {
 	}
 	if c.MaxSessions == 0 {
 		c.MaxSessions = d.MaxSessions
+	}
+	if c.MaxStreamsPerConnection == 0 {
+		c.MaxStreamsPerConnection = d.MaxStreamsPerConnection
+	}
+	if c.NewSessionsPerSecond == 0 {
+		c.NewSessionsPerSecond = d.NewSessionsPerSecond
+	}
+	if c.NewSessionsBurst == 0 {
+		c.NewSessionsBurst = d.NewSessionsBurst
 	}
 	if c.StartConcurrency == 0 {
 		c.StartConcurrency = min(d.StartConcurrency, 4*runtime.NumCPU())
@@ -389,6 +416,9 @@ func (c Config) Validate() error {
 	}
 	if c.ShutdownGrace < 0 {
 		bad("shutdown_grace must not be negative (got %s)", c.ShutdownGrace)
+	}
+	if c.MaxStreamsPerConnection < 0 || c.NewSessionsBurst < 0 {
+		bad("max_streams_per_connection and new_sessions_burst must not be negative (got %d, %d)", c.MaxStreamsPerConnection, c.NewSessionsBurst)
 	}
 	if c.MaxSessions < 0 {
 		bad("max_sessions must not be negative (got %d)", c.MaxSessions)

@@ -82,6 +82,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 		return grpc.NewServer(
 			grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 			grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
+			grpc.MaxConcurrentStreams(uint32(cfg.MaxStreamsPerConnection)),
 			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 			grpc.ChainUnaryInterceptor(append([]grpc.UnaryServerInterceptor{recoverUnary(n.log)}, interceptors...)...),
 			grpc.ChainStreamInterceptor(recoverStream(n.log)),

@@ -3,12 +3,15 @@ package agent
 import (
 	"context"
 	"fmt"
+	"net"
 	"runtime/debug"
 	"time"
 
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -27,6 +30,8 @@ func (s *service) Execute(ctx context.Context, in *snakepitv1.ExecuteRequest) (*
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	req.CorrelationID = correlationID(ctx)
+	req.Client = clientAddr(ctx)
 	res, err := s.node.Execute(ctx, req)
 	if err != nil {
 		return nil, toStatus(err)
@@ -39,6 +44,8 @@ func (s *service) ExecuteStream(in *snakepitv1.ExecuteRequest, stream grpc.Serve
 	if err != nil {
 		return toStatus(err)
 	}
+	req.CorrelationID = correlationID(stream.Context())
+	req.Client = clientAddr(stream.Context())
 	var seq uint64
 	msg := &snakepitv1.ExecuteStreamResponse{}
 	chunk := &snakepitv1.Chunk{}
@@ -52,6 +59,32 @@ func (s *service) ExecuteStream(in *snakepitv1.ExecuteRequest, stream grpc.Serve
 		return toStatus(err)
 	}
 	return stream.Send(&snakepitv1.ExecuteStreamResponse{Msg: &snakepitv1.ExecuteStreamResponse_Done{Done: responseToProto(res)}})
+}
+
+// CorrelationHeader is the gRPC metadata key of the correlation id: set by
+// a client or an entry node, carried to the executing node and into the
+// worker's log lines. When absent, the node uses the request id.
+const CorrelationHeader = "x-snakepit-correlation-id"
+
+func correlationID(ctx context.Context) string {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(CorrelationHeader); len(v) > 0 && len(v[0]) <= maxIDLen {
+		return v[0]
+	}
+	return ""
+}
+
+// clientAddr is the caller's address without its port.
+func clientAddr(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return ""
+	}
+	a := p.Addr.String()
+	if host, _, err := net.SplitHostPort(a); err == nil {
+		return host
+	}
+	return a
 }
 
 func requestFromProto(in *snakepitv1.ExecuteRequest) (*Request, error) {

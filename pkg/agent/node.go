@@ -42,6 +42,8 @@ type Request struct {
 	Idempotent    bool
 	// Affinity applies to calls with a SessionID.
 	Affinity Affinity
+	// Client identifies the caller (its address) for per-client limits.
+	Client string
 }
 
 // Result is the outcome of a successful call.
@@ -76,6 +78,7 @@ type Node struct {
 	sessions atomic.Int64 // sessions of all pools
 	metrics  *metrics
 	intent   *intentStore
+	sessRate *clientLimiter
 	healthCh chan struct{}
 }
 
@@ -105,6 +108,7 @@ func New(cfg Config, log zerolog.Logger) (*Node, error) {
 	}
 	n.metrics = newMetrics(n)
 	n.intent = newIntentStore(cfg.StateDir)
+	n.sessRate = newClientLimiter(cfg.NewSessionsPerSecond, cfg.NewSessionsBurst)
 	return n, nil
 }
 
@@ -285,6 +289,9 @@ func (n *Node) execute(ctx context.Context, req *Request, emit func([]byte) erro
 	}
 	if req.RequestID == "" {
 		req.RequestID = n.reqBase + strconv.FormatUint(n.reqSeq.Add(1), 10)
+	}
+	if req.CorrelationID == "" {
+		req.CorrelationID = req.RequestID
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc

@@ -167,6 +167,10 @@ func (p *Pool) acquireSession(ctx context.Context, req *Request) (*proc, Session
 		outcome = SessionReset
 		p.unbindLocked(s)
 	} else {
+		if ok, wait := p.node.sessRate.allow(req.Client, now); !ok {
+			p.mu.Unlock()
+			return nil, 0, &SessionRateError{Client: req.Client, Rate: p.node.cfg.NewSessionsPerSecond, RetryAfter: wait}
+		}
 		if p.node.sessions.Load() >= int64(p.node.cfg.MaxSessions) {
 			p.mu.Unlock()
 			return nil, 0, &SessionLimitError{Pool: p.cfg.Name, Limit: "max_sessions", Max: p.node.cfg.MaxSessions}

@@ -446,3 +446,26 @@ func TestSlowStreamClientBoundsTheGenerator(t *testing.T) {
 		t.Fatalf("the generator ran %d chunks ahead of a stalled reader, want at most %d: no backpressure", worst, maxLead)
 	}
 }
+
+func TestNewSessionRatePerClient(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.NewSessionsPerSecond = 0.001 // no refill within the test
+	cfg.NewSessionsBurst = 2
+	tn := startNode(t, cfg)
+	for _, id := range []string{"a", "b"} {
+		if _, _, err := tally(t, tn, id, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, _, err := tally(t, tn, "c", 0)
+	if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != ReasonSessionRate || errorInfo(err).GetMetadata()["client"] != "127.0.0.1" {
+		t.Fatalf("third new session = %v (%v), want RESOURCE_EXHAUSTED SESSION_RATE for 127.0.0.1", err, errorInfo(err))
+	}
+	// Existing sessions and sessionless calls are not limited.
+	if r, _, err := tally(t, tn, "a", 0); err != nil || n(r) != 2 {
+		t.Fatalf("existing session = %d, %v", n(r), err)
+	}
+	if _, err := tn.exec(t, &snakepitv1.ExecuteRequest{Tool: "noop"}); err != nil {
+		t.Fatal(err)
+	}
+}

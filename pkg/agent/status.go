@@ -38,6 +38,7 @@ const (
 	ReasonSessionBusy     = "SESSION_WORKER_BUSY"
 	ReasonSessionLimit    = "SESSION_LIMIT"
 	ReasonStreamRequired  = "STREAM_REQUIRED"
+	ReasonSessionRate     = "SESSION_RATE"
 )
 
 // toStatus is the one table that maps the node's errors to gRPC statuses,
@@ -59,8 +60,12 @@ func toStatus(err error) error {
 		sle *SessionLostError
 		sbe *SessionBusyError
 		sme *SessionLimitError
+		sre *SessionRateError
 	)
 	switch {
+	case errors.As(err, &sre):
+		return withDetails(codes.ResourceExhausted, err, info(ReasonSessionRate, "client", sre.Client),
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(sre.RetryAfter)})
 	case errors.As(err, &sle):
 		return withDetails(codes.FailedPrecondition, err, info(ReasonSessionLost, "pool", sle.Pool, "session_id", sle.SessionID,
 			"worker_id", ms(int64(sle.WorkerID)), "generation", ms(int64(sle.Generation)), "affinity", sle.Mode.String()))

@@ -352,7 +352,15 @@ func (w *Worker) spawn() (err error) {
 	return nil
 }
 
-// relay turns the process's output into log lines.
+// A line a tool writes during a call starts with outputTagStart, the call's
+// correlation id and outputTagEnd (see _TaggedStream in the runtime).
+const (
+	outputTagStart = "\x1esp:"
+	outputTagEnd   = "\x1f"
+)
+
+// relay turns the process's output into log lines, each tagged with the
+// correlation id of the call that wrote it.
 func (w *Worker) relay(r *os.File, stream string) {
 	defer w.outputsWG.Done()
 	defer r.Close()
@@ -361,10 +369,20 @@ func (w *Worker) relay(r *os.File, stream string) {
 		line, err := br.ReadString('\n')
 		if len(line) > 0 {
 			line = strings.TrimRight(line, "\r\n")
+			cid := ""
+			if rest, ok := strings.CutPrefix(line, outputTagStart); ok {
+				if id, text, ok := strings.Cut(rest, outputTagEnd); ok {
+					cid, line = id, text
+				}
+			}
 			if stream == "stderr" {
 				w.keepStderr(line)
 			}
-			w.log.Info().Str("stream", stream).Str("line", line).Msg("worker output")
+			ev := w.log.Info().Str("stream", stream)
+			if cid != "" {
+				ev = ev.Str("correlation_id", cid)
+			}
+			ev.Str("line", line).Msg("worker output")
 		}
 		if err != nil {
 			return

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -121,7 +122,7 @@ func TestCallResults(t *testing.T) {
 		{name: "extra argument", tool: "add", args: `{"a":1,"b":2,"c":3}`, kind: KindInvalidArgs, contains: "c"},
 		{name: "args not an object", tool: "add", args: `[1,2]`, kind: KindInvalidArgs, contains: "object"},
 		{name: "args not json", tool: "add", args: `{"a":`, kind: KindInvalidArgs, contains: "JSON"},
-		{name: "context", tool: "context", args: `{}`, want: `{"request_id":"r1","session_id":"","has_deadline":false}`},
+		{name: "context", tool: "context", args: `{}`, want: `{"request_id":"r1","session_id":"","has_deadline":false,"correlation_id":""}`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -327,5 +328,54 @@ func waitFor(t testing.TB, cond func() bool) {
 			t.Fatal("condition not met within 20s")
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the relay goroutines and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestOutputCarriesCorrelationID(t *testing.T) {
+	rt, err := pyruntime.Install(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	p, _ := filepath.Abs("testdata/misbehave.py")
+	w, err := Start(context.Background(), Spec{
+		Pool: "test", Python: python(t), Adapter: p, Env: []string{"PYTHONPATH=" + rt},
+		StartTimeout: 20 * time.Second, Logger: zerolog.New(&logs),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop(2 * time.Second)
+	got, err := w.Call(context.Background(), &Call{Tool: "chatty", Args: []byte(`{"text":"hi"}`), CorrelationID: "corr-42"})
+	if err != nil || string(got) != `"hi"` {
+		t.Fatalf("chatty = %s, %v", got, err)
+	}
+	got, err = w.Call(context.Background(), &Call{Tool: "context", CorrelationID: "corr-43"})
+	if err != nil || !strings.Contains(string(got), `"correlation_id":"corr-43"`) {
+		t.Fatalf("ctx.correlation_id: %s, %v", got, err)
+	}
+	waitFor(t, func() bool { return strings.Count(logs.String(), `"correlation_id":"corr-42"`) == 2 })
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "chatty") && (!strings.Contains(l, `"correlation_id":"corr-42"`) || strings.Contains(l, "\\u001e")) {
+			t.Errorf("log line %s: want the correlation id as a field and no marker in the text", l)
+		}
 	}
 }

@@ -75,12 +75,16 @@ class Context(object):
             tells the client so.
         deadline: absolute time (``time.time()``) by which the call must end,
             or None when it has none.
+        correlation_id: ties the call's log lines together across nodes;
+            lines the tool prints during the call carry it in the daemon's
+            log.
     """
 
-    __slots__ = ("request_id", "session_id", "session", "deadline", "_cancelled", "_mono_deadline", "_wake")
+    __slots__ = ("request_id", "session_id", "session", "deadline", "correlation_id", "_cancelled", "_mono_deadline", "_wake")
 
-    def __init__(self, request_id="", session_id="", timeout_ms=0, session=None):
+    def __init__(self, request_id="", session_id="", timeout_ms=0, session=None, correlation_id=""):
         self.request_id = request_id
+        self.correlation_id = correlation_id
         self.session_id = session_id
         self.session = session
         self._cancelled = False

@@ -329,6 +329,8 @@ class Worker(object):
         if tool.streaming and not stream:
             send(T_ERROR, rid, _error("stream_required", message="tool %s yields a stream: call it with ExecuteStream (spctl exec --stream)" % name))
             return
+        if cl:
+            _call_local.cid = p[o + sl + rl : o + sl + rl + cl].decode("utf-8")
         ctx = None
         if tool.wants_ctx or stream:
             session_id = p[o : o + sl].decode("utf-8")
@@ -342,7 +344,7 @@ class Worker(object):
                     store = self.sessions.get(session_id)
                     if store is None:
                         store = self.sessions[session_id] = {}
-            ctx = Context(request_id, session_id, timeout_ms, store)
+            ctx = Context(request_id, session_id, timeout_ms, store, getattr(_call_local, "cid", ""))
             if tool.wants_ctx:
                 kwargs["ctx"] = ctx
             self.inflight[rid] = ctx
@@ -386,6 +388,8 @@ class Worker(object):
         finally:
             if ctx is not None:
                 self.inflight.pop(rid, None)
+            if cl:
+                _call_local.cid = ""
 
     def _encode_value(self, name, value, what):
         try:
@@ -449,6 +453,44 @@ class Worker(object):
         return loop.run_until_complete(coro)
 
 
+# Output of a tool during a call is tagged with the call's correlation id:
+# each line it starts carries this marker, which the daemon strips and logs
+# as the line's correlation_id field (pkg/worker: relay).
+_TAG_START = "\x1esp:"
+_TAG_END = "\x1f"
+_call_local = threading.local()
+
+
+class _TaggedStream(object):
+    """Wraps sys.stdout/sys.stderr so lines written during a call carry the
+    call's correlation id."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._at_line_start = True
+
+    def write(self, s):
+        cid = getattr(_call_local, "cid", "")
+        if not cid or not s:
+            if s:
+                self._at_line_start = s.endswith("\n")
+            return self._raw.write(s)
+        tag = _TAG_START + cid + _TAG_END
+        parts = s.split("\n")
+        out = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if part and (i > 0 or self._at_line_start):
+                part = tag + part
+            out.append(part)
+        self._at_line_start = s.endswith("\n")
+        self._raw.write("\n".join(out))
+        return len(s)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -487,6 +529,8 @@ class _Credits(object):
 
 
 def main():
+    sys.stdout = _TaggedStream(sys.stdout)
+    sys.stderr = _TaggedStream(sys.stderr)
     conn = _Conn(3)
     ctl = _Conn(4)
     adapter = os.environ.get("SNAKEPIT_ADAPTER", "")

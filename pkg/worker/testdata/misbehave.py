@@ -72,7 +72,7 @@ def nap(seconds: float) -> float:
 
 @tool
 def context(ctx: Context) -> dict:
-    return {"request_id": ctx.request_id, "session_id": ctx.session_id, "has_deadline": ctx.deadline is not None}
+    return {"request_id": ctx.request_id, "session_id": ctx.session_id, "has_deadline": ctx.deadline is not None, "correlation_id": ctx.correlation_id}
 
 
 _barriers = {}
