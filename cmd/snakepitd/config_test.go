@@ -33,6 +33,7 @@ func TestExampleConfigMatchesDefaults(t *testing.T) {
 	pool.PythonPath = []string{}
 	pool.Env = map[string]string{}
 	want.Pools = []agent.PoolConfig{pool}
+	want.AdminIdentities = []string{}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("configs/snakepitd.yaml loads as\n%+v\nwant the defaults\n%+v", got, want)
 	}

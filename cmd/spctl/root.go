@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -23,6 +24,9 @@ type globalOpts struct {
 	timeout     time.Duration
 	adminSocket string
 	tokenFile   string
+	tlsCA       string
+	tlsCert     string
+	tlsKey      string
 }
 
 // usageError marks errors in how spctl was called (exit status 2).
@@ -67,6 +71,9 @@ func newRootCmd(ctx context.Context) *cobra.Command {
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline of each call to the node")
 	pf.StringVar(&g.adminSocket, "admin-socket", "", fmt.Sprintf("admin socket for cordon, uncordon, resize, workers (default $%s, else %s, else the make-run node's)", client.EnvAdminSocket, client.SystemdAdminSocket))
+	pf.StringVar(&g.tlsCA, "tls-ca", "", "talk TLS to the node, trusting this CA (PEM)")
+	pf.StringVar(&g.tlsCert, "tls-cert", "", "client certificate (PEM) for nodes that require one, or for admin_identities")
+	pf.StringVar(&g.tlsKey, "tls-key", "", "key of --tls-cert (PEM)")
 	pf.StringVar(&g.tokenFile, "token-file", "", fmt.Sprintf("bearer token for admin verbs over TCP with --addr (default $%s)", client.EnvTokenFile))
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	cmd.AddCommand(newExecCmd(g), newToolsCmd(g), newStatusCmd(g), newSessionsCmd(g),
@@ -77,7 +84,15 @@ func newRootCmd(ctx context.Context) *cobra.Command {
 // dial connects to the node the flags name.
 func (g *globalOpts) dial() (*client.Conn, string, error) {
 	addr := client.Address(g.addr)
-	c, err := client.Dial(addr)
+	var opts []grpc.DialOption
+	if g.tlsCA != "" || g.tlsCert != "" || g.tlsKey != "" {
+		o, err := client.TLS(g.tlsCA, g.tlsCert, g.tlsKey)
+		if err != nil {
+			return nil, addr, usageError{err}
+		}
+		opts = append(opts, o)
+	}
+	c, err := client.Dial(addr, opts...)
 	return c, addr, err
 }
 

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -94,9 +95,10 @@ func (a *adminService) ListWorkers(_ context.Context, in *snakepitv1.ListWorkers
 }
 
 // adminAuth guards the Admin service on the TCP port: a caller must present
-// the bearer token from admin_token_file; without one configured, admin
-// verbs are served on the local socket only. Other services pass.
-func adminAuth(tokenFile string) (grpc.UnaryServerInterceptor, error) {
+// a verified client certificate whose common name or DNS name is one of
+// admin_identities, or the bearer token from admin_token_file; otherwise
+// admin verbs are served on the local socket only. Other services pass.
+func adminAuth(tokenFile string, identities []string) (grpc.UnaryServerInterceptor, error) {
 	var token []byte
 	if tokenFile != "" {
 		b, err := os.ReadFile(tokenFile)
@@ -113,8 +115,11 @@ func adminAuth(tokenFile string) (grpc.UnaryServerInterceptor, error) {
 		if !strings.HasPrefix(info.FullMethod, prefix) {
 			return handler(ctx, req)
 		}
+		if p, ok := peer.FromContext(ctx); ok && isAdmin(p, identities) {
+			return handler(ctx, req)
+		}
 		if token == nil {
-			return nil, status.Error(codes.PermissionDenied, "admin verbs are served on the node's local admin socket (admin_socket); over TCP they need admin_token_file set on the node and the token sent as a bearer token")
+			return nil, status.Error(codes.PermissionDenied, "admin verbs are served on the node's local admin socket (admin_socket); over TCP they need a client certificate listed in admin_identities, or admin_token_file set on the node and the token sent as a bearer token")
 		}
 		md, _ := metadata.FromIncomingContext(ctx)
 		for _, v := range md.Get("authorization") {

@@ -123,6 +123,11 @@ type Config struct {
 	// AdminTokenFile holds a bearer token that grants the Admin API over
 	// TCP; empty means admin verbs only on the local socket.
 	AdminTokenFile string `mapstructure:"admin_token_file"`
+	// AdminIdentities are the client certificate names (common name or DNS
+	// name, verified by tls.client_ca_file) granted the Admin API over TCP.
+	AdminIdentities []string `mapstructure:"admin_identities"`
+	// TLS turns on TLS (and mutual TLS) on the gRPC port.
+	TLS TLSConfig `mapstructure:"tls"`
 	// StateDir holds what survives a restart: the Python runtime copy and
 	// the record of running workers. Empty means DefaultStateDir().
 	StateDir string `mapstructure:"state_dir"`
@@ -405,6 +410,10 @@ func (c Config) Validate() error {
 		bad("listen must be host:port (got %q): %v", c.Listen, err)
 	} else if port == "" {
 		bad("listen must include a port (got %q)", c.Listen)
+	}
+	c.TLS.validate(bad)
+	if len(c.AdminIdentities) > 0 && c.TLS.ClientCAFile == "" {
+		bad("admin_identities need tls.client_ca_file to verify client certificates")
 	}
 	if c.MetricsListen != "off" {
 		if _, port, err := splitHostPort(c.MetricsListen); err != nil || port == "" {

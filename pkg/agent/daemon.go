@@ -10,6 +10,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -73,20 +74,29 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 			hooks.MetricsListening(maddr)
 		}
 	}
-	auth, err := adminAuth(cfg.AdminTokenFile)
+	auth, err := adminAuth(cfg.AdminTokenFile, cfg.AdminIdentities)
 	if err != nil {
 		lis.Close()
 		return err
 	}
-	newServer := func(interceptors ...grpc.UnaryServerInterceptor) *grpc.Server {
-		return grpc.NewServer(
+	var tcpCreds []grpc.ServerOption
+	if cfg.TLS.Enabled() {
+		tc, err := cfg.TLS.serverTLS()
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		tcpCreds = append(tcpCreds, grpc.Creds(credentials.NewTLS(tc)))
+	}
+	newServer := func(extra []grpc.ServerOption, interceptors ...grpc.UnaryServerInterceptor) *grpc.Server {
+		return grpc.NewServer(append(extra,
 			grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 			grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 			grpc.MaxConcurrentStreams(uint32(cfg.MaxStreamsPerConnection)),
 			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 			grpc.ChainUnaryInterceptor(append([]grpc.UnaryServerInterceptor{recoverUnary(n.log)}, interceptors...)...),
 			grpc.ChainStreamInterceptor(recoverStream(n.log)),
-		)
+		)...)
 	}
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
@@ -98,7 +108,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 		reflection.Register(s)
 	}
 	// The TCP port serves everyone; its Admin verbs need the bearer token.
-	srv := newServer(auth)
+	srv := newServer(tcpCreds, auth)
 	register(srv)
 	// The local admin socket serves the same services to whoever may open
 	// it (mode 0660).
@@ -110,7 +120,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 			return err
 		}
 		defer os.Remove(path)
-		adminSrv = newServer()
+		adminSrv = newServer(nil)
 		register(adminSrv)
 		go func() { _ = adminSrv.Serve(alis) }()
 		n.log.Info().Str("admin_socket", path).Msg("serving admin socket")

@@ -5,12 +5,15 @@
 package client
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
@@ -98,4 +101,30 @@ func Dial(addr string, opts ...grpc.DialOption) (*Conn, error) {
 		return nil, fmt.Errorf("connect to %s: %w", addr, err)
 	}
 	return &Conn{ClientConn: cc, Snakepit: snakepitv1.NewSnakepitClient(cc), Admin: snakepitv1.NewAdminClient(cc)}, nil
+}
+
+// TLS returns dial options for a node serving TLS: trust caFile (empty: the
+// system's roots) and present certFile/keyFile as client certificate when
+// given.
+func TLS(caFile, certFile, keyFile string) (grpc.DialOption, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		b, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("--tls-ca %s holds no PEM certificate", caFile)
+		}
+		cfg.RootCAs = pool
+	}
+	if certFile != "" || keyFile != "" {
+		c, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{c}
+	}
+	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
 }

@@ -1,0 +1,205 @@
+package agent
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	"github.com/snakepit/snakepit/pkg/client"
+	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
+)
+
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	dir  string
+	pem  string // path of the CA certificate
+}
+
+func newTestCA(t *testing.T, name string) *testCA {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	ca := &testCA{cert: cert, key: key, dir: t.TempDir()}
+	ca.pem = filepath.Join(ca.dir, "ca.pem")
+	os.WriteFile(ca.pem, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	return ca
+}
+
+// issue writes a certificate for cn (valid for 127.0.0.1, as server and
+// client) and its key, and returns their paths.
+func (ca *testCA) issue(t *testing.T, cn string) (certFile, keyFile string) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{cn},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	certFile, keyFile = filepath.Join(ca.dir, cn+".pem"), filepath.Join(ca.dir, cn+".key")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	return certFile, keyFile
+}
+
+func tlsDial(t *testing.T, addr string, ca *testCA, certFile, keyFile string) *client.Conn {
+	t.Helper()
+	cfg := &tls.Config{}
+	if ca != nil {
+		pool := x509.NewCertPool()
+		pool.AddCert(ca.cert)
+		cfg.RootCAs = pool
+	}
+	if certFile != "" {
+		c, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Certificates = []tls.Certificate{c}
+	}
+	c, err := client.Dial(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestMutualTLS(t *testing.T) {
+	ca := newTestCA(t, "cluster-ca")
+	foreign := newTestCA(t, "foreign-ca")
+	nodeCert, nodeKey := ca.issue(t, "node-a")
+	cfg := testConfig(t)
+	cfg.TLS = TLSConfig{CertFile: nodeCert, KeyFile: nodeKey, ClientCAFile: ca.pem, ClientAuth: ClientAuthRequire}
+	cfg.AdminIdentities = []string{"ops"}
+	tn := startNodeTLS(t, cfg, ca)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req := &snakepitv1.ExecuteRequest{Pool: "test", Tool: "noop"}
+
+	peerCert, peerKey := ca.issue(t, "node-b")
+	if _, err := tlsDial(t, tn, ca, peerCert, peerKey).Snakepit.Execute(ctx, req); err != nil {
+		t.Fatalf("a peer with a certificate of the cluster CA: %v", err)
+	}
+	if _, err := tlsDial(t, tn, ca, "", "").Snakepit.Execute(ctx, req); status.Code(err) != codes.Unavailable {
+		t.Fatalf("a caller without a certificate = %v, want refused (UNAVAILABLE at the handshake)", err)
+	}
+	fCert, fKey := foreign.issue(t, "intruder")
+	if _, err := tlsDial(t, tn, ca, fCert, fKey).Snakepit.Execute(ctx, req); status.Code(err) != codes.Unavailable {
+		t.Fatalf("a caller with a foreign certificate = %v, want refused", err)
+	}
+	// Dialing a node whose certificate the cluster CA did not sign fails:
+	// a node never routes to it.
+	other := testConfig(t)
+	oCert, oKey := foreign.issue(t, "node-x")
+	other.TLS = TLSConfig{CertFile: oCert, KeyFile: oKey}
+	xaddr := startNodeTLS(t, other, foreign)
+	n, _ := New(cfg, zerolog.Nop())
+	creds, err := n.PeerCredentials()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := client.Dial(xaddr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	if _, err := pc.Snakepit.Execute(ctx, req); status.Code(err) != codes.Unavailable {
+		t.Fatalf("dialing a foreign node with peer credentials = %v, want refused", err)
+	}
+	// Admin over TCP: a certificate listed in admin_identities is granted,
+	// another one of the same CA is not.
+	opsCert, opsKey := ca.issue(t, "ops")
+	if _, err := tlsDial(t, tn, ca, opsCert, opsKey).Admin.Cordon(ctx, &snakepitv1.CordonRequest{}); err != nil {
+		t.Fatalf("Cordon as ops: %v", err)
+	}
+	if _, err := tlsDial(t, tn, ca, peerCert, peerKey).Admin.Cordon(ctx, &snakepitv1.CordonRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("Cordon as node-b = %v, want PERMISSION_DENIED", err)
+	}
+}
+
+func TestTLSConfigErrors(t *testing.T) {
+	for _, tt := range []struct {
+		tls  TLSConfig
+		want string
+	}{
+		{TLSConfig{CertFile: "a.pem"}, "tls.cert_file and tls.key_file must both be set"},
+		{TLSConfig{CertFile: "a", KeyFile: "b", ClientAuth: "maybe"}, "tls.client_auth must be none, request or require"},
+		{TLSConfig{CertFile: "a", KeyFile: "b", ClientAuth: "require"}, "needs tls.client_ca_file"},
+	} {
+		cfg := testConfig(t)
+		cfg.TLS = tt.tls
+		if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Validate(%+v) = %v, want %q", tt.tls, err, tt.want)
+		}
+	}
+	cfg := testConfig(t)
+	cfg.TLS = TLSConfig{CertFile: "/nonexistent/c.pem", KeyFile: "/nonexistent/k.pem"}
+	if err := Serve(context.Background(), cfg, zerolog.Nop(), Hooks{}); err == nil || !strings.Contains(err.Error(), "tls.cert_file") {
+		t.Fatalf("Serve with missing certificate files = %v, want an error naming tls.cert_file", err)
+	}
+}
+
+// startNodeTLS serves cfg (TLS on) and waits until it is ready; it returns
+// the address.
+func startNodeTLS(t *testing.T, cfg Config, ca *testCA) string {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	addrCh := make(chan string, 1)
+	ready := make(chan struct{})
+	errCh := make(chan error, 1)
+	go func() {
+		errCh <- Serve(ctx, cfg, zerolog.Nop(), Hooks{
+			Listening: func(a net.Addr) { addrCh <- a.String() },
+			Ready:     func() { close(ready) },
+		})
+	}()
+	addr := <-addrCh
+	select {
+	case <-ready:
+	case err := <-errCh:
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		if err := <-errCh; err != nil {
+			t.Error(err)
+		}
+	})
+	return addr
+}
