@@ -170,6 +170,11 @@ func TestSpctlAdmin(t *testing.T) {
 		{[]string{"resize", "default"}, 2, "", "resize takes POOL and SIZE"},
 		{[]string{"resize", "nope", "2"}, 1, "", `no pool "nope"`},
 		{[]string{"version", "--addr", addr}, 0, "snakepitd", ""},
+		{[]string{"drain", "--dry-run"}, 0, "SESSION", ""},
+		{[]string{"drain", "--wait", "--deadline", "10s"}, 0, "drained (0 calls cancelled", ""},
+		{[]string{"exec", "noop", "--addr", addr}, 1, "", "node is draining"},
+		{[]string{"uncordon"}, 0, "draining: false", ""},
+		{[]string{"exec", "noop", "--addr", addr}, 0, "null", ""},
 	}
 	for _, s := range steps {
 		code, out, errOut := spctl(t, s.args...)

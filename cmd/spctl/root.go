@@ -77,7 +77,7 @@ func newRootCmd(ctx context.Context) *cobra.Command {
 	pf.StringVar(&g.tokenFile, "token-file", "", fmt.Sprintf("bearer token for admin verbs over TCP with --addr (default $%s)", client.EnvTokenFile))
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	cmd.AddCommand(newExecCmd(g), newToolsCmd(g), newStatusCmd(g), newSessionsCmd(g),
-		newCordonCmd(g, true), newCordonCmd(g, false), newResizeCmd(g), newWorkersCmd(g), newVersionCmd(g))
+		newCordonCmd(g, true), newCordonCmd(g, false), newResizeCmd(g), newWorkersCmd(g), newVersionCmd(g), newDrainCmd(g))
 	return cmd
 }
 

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
@@ -58,6 +59,28 @@ func (a *adminService) Uncordon(context.Context, *snakepitv1.UncordonRequest) (*
 
 func (a *adminService) Intent(context.Context, *snakepitv1.IntentRequest) (*snakepitv1.IntentResponse, error) {
 	return intentProto(a.node.Intent()), nil
+}
+
+func (a *adminService) Drain(in *snakepitv1.DrainRequest, stream grpc.ServerStreamingServer[snakepitv1.DrainProgress]) error {
+	if in.GetDryRun() {
+		out := &snakepitv1.DrainProgress{}
+		for _, s := range a.node.drainPlan() {
+			out.Moves = append(out.Moves, &snakepitv1.SessionMove{SessionId: s.ID, Pool: s.Pool, NextNode: s.Next})
+		}
+		st := a.node.drainState()
+		out.InFlight, out.Queued, out.Sessions = uint32(st.InFlight), uint32(st.Queued), uint32(st.Sessions)
+		return stream.Send(out)
+	}
+	err := a.node.Drain(stream.Context(), in.GetDeadline().AsDuration(), func(p DrainProgress) error {
+		return stream.Send(&snakepitv1.DrainProgress{
+			InFlight: uint32(p.InFlight), Queued: uint32(p.Queued), Sessions: uint32(p.Sessions),
+			Remaining: durationpb.New(p.Remaining), Drained: p.Drained, Cancelled: uint32(p.Cancelled),
+		})
+	})
+	if err != nil {
+		return toStatus(err)
+	}
+	return nil
 }
 
 func (a *adminService) Resize(_ context.Context, in *snakepitv1.ResizeRequest) (*snakepitv1.ResizeResponse, error) {

@@ -79,7 +79,14 @@ type Node struct {
 	metrics  *metrics
 	intent   *intentStore
 	sessRate *clientLimiter
-	healthCh chan struct{}
+	drainMu  sync.Mutex
+	drain    *drainRun
+	runDone  chan struct{} // closed when Run returns
+	// NextOwner, when set (by cluster routing, before Run), names the node
+	// that would own a session of a pool if this one left; Drain's dry run
+	// reports it.
+	NextOwner func(pool, sessionID string) string
+	healthCh  chan struct{}
 }
 
 // New checks cfg and builds a node. It does no I/O and starts nothing.
@@ -95,6 +102,7 @@ func New(cfg Config, log zerolog.Logger) (*Node, error) {
 		startSem: newSemaphore(cfg.StartConcurrency),
 		ready:    make(chan struct{}),
 		healthCh: make(chan struct{}, 1),
+		runDone:  make(chan struct{}),
 	}
 	var b [6]byte
 	_, _ = rand.Read(b[:])
@@ -127,6 +135,7 @@ func (n *Node) Ready() <-chan struct{} { return n.ready }
 // when a pool fails to start (its adapter does not load); that error carries
 // the Python traceback. Cancellation is not an error.
 func (n *Node) Run(ctx context.Context) error {
+	defer close(n.runDone)
 	n.started = time.Now()
 	if err := os.MkdirAll(n.cfg.StateDir, 0o755); err != nil {
 		return fmt.Errorf("state_dir: %w", err)
@@ -286,6 +295,9 @@ func (n *Node) execute(ctx context.Context, req *Request, emit func([]byte) erro
 	}
 	if n.stopping.Load() {
 		return nil, ErrShuttingDown
+	}
+	if in := n.intent.get(); in.Draining && !n.acceptWhileDraining(p, req) {
+		return nil, ErrDraining
 	}
 	if req.RequestID == "" {
 		req.RequestID = n.reqBase + strconv.FormatUint(n.reqSeq.Add(1), 10)

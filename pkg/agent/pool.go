@@ -106,7 +106,8 @@ type slot struct {
 
 type waiter struct {
 	ch        chan *proc
-	abandoned bool // guarded by Pool.mu
+	abandoned bool  // guarded by Pool.mu
+	err       error // why a nil was sent on ch, when not errTargetGone
 }
 
 // Pool is a set of identical workers with a bounded queue in front of them.
@@ -818,6 +819,9 @@ func (p *Pool) queueLocked(ctx context.Context, target *proc) (*proc, error) {
 	select {
 	case pr := <-wt.ch:
 		if pr == nil {
+			if wt.err != nil {
+				return nil, wt.err
+			}
 			return nil, errTargetGone
 		}
 		return pr, nil
@@ -842,6 +846,30 @@ func (p *Pool) queueLocked(ctx context.Context, target *proc) (*proc, error) {
 	p.queued--
 	p.mu.Unlock()
 	return nil, err
+}
+
+// abortQueuedLocked refuses every queued call with err; it returns how
+// many it refused.
+func (p *Pool) abortQueuedLocked(err error) int {
+	n := 0
+	abort := func(ws []*waiter) {
+		for _, wt := range ws {
+			if wt != nil && !wt.abandoned {
+				wt.err = err
+				wt.abandoned = true
+				p.queued--
+				wt.ch <- nil
+				n++
+			}
+		}
+	}
+	abort(p.waiters)
+	p.waiters = nil
+	for _, pr := range p.ready {
+		abort(pr.waiters)
+		pr.waiters = nil
+	}
+	return n
 }
 
 // errTargetGone reports that the worker a call waited for left service.

@@ -39,6 +39,7 @@ const (
 	ReasonSessionLimit    = "SESSION_LIMIT"
 	ReasonStreamRequired  = "STREAM_REQUIRED"
 	ReasonSessionRate     = "SESSION_RATE"
+	ReasonDraining        = "DRAINING"
 )
 
 // toStatus is the one table that maps the node's errors to gRPC statuses,
@@ -94,6 +95,8 @@ func toStatus(err error) error {
 			"queued_us", ms(dle.Queued.Microseconds()), "ran_us", ms(dle.Ran.Microseconds())))
 	case errors.As(err, &pue):
 		return withDetails(codes.Unavailable, err, info(ReasonPoolUnavailable, "pool", pue.Pool, "state", pue.State))
+	case errors.Is(err, ErrDraining):
+		return withDetails(codes.Unavailable, err, info(ReasonDraining))
 	case errors.Is(err, ErrShuttingDown):
 		return withDetails(codes.Unavailable, err, info(ReasonShuttingDown))
 	case errors.As(err, &ee):

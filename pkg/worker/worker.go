@@ -757,6 +757,21 @@ func (w *Worker) abandon(id uint64, tool string) {
 	}
 }
 
+// CancelAll cancels every call in flight in Python (the same as each
+// caller going away) and returns how many there were.
+func (w *Worker) CancelAll() int {
+	w.mu.Lock()
+	ids := make([]uint64, 0, len(w.pending))
+	for id := range w.pending {
+		ids = append(ids, id)
+	}
+	w.mu.Unlock()
+	for _, id := range ids {
+		w.cancel(id)
+	}
+	return len(ids)
+}
+
 // credit lets a stream send n more chunks.
 func (w *Worker) credit(id uint64, n int) {
 	var b [headerSize + 4]byte

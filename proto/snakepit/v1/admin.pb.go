@@ -555,6 +555,219 @@ func (x *IntentResponse) GetUpdated() *timestamppb.Timestamp {
 	return nil
 }
 
+type DrainRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deadline bounds the wait for calls to finish; 0 means the node's
+	// drain_deadline.
+	Deadline *durationpb.Duration `protobuf:"bytes,1,opt,name=deadline,proto3" json:"deadline,omitempty"`
+	// dry_run reports which sessions would move where, changing nothing.
+	DryRun        bool `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_snakepit_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *DrainRequest) GetDeadline() *durationpb.Duration {
+	if x != nil {
+		return x.Deadline
+	}
+	return nil
+}
+
+func (x *DrainRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+type DrainProgress struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	InFlight uint32                 `protobuf:"varint,1,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	Queued   uint32                 `protobuf:"varint,2,opt,name=queued,proto3" json:"queued,omitempty"`
+	// sessions counts the sessions bound to this node's workers.
+	Sessions uint32 `protobuf:"varint,3,opt,name=sessions,proto3" json:"sessions,omitempty"`
+	// remaining is the time left before the deadline.
+	Remaining *durationpb.Duration `protobuf:"bytes,4,opt,name=remaining,proto3" json:"remaining,omitempty"`
+	// drained is set on the last message when no call runs any more.
+	Drained bool `protobuf:"varint,5,opt,name=drained,proto3" json:"drained,omitempty"`
+	// cancelled counts calls cancelled at the deadline (last message).
+	Cancelled uint32 `protobuf:"varint,6,opt,name=cancelled,proto3" json:"cancelled,omitempty"`
+	// moves lists, for a dry run, each session and the node that would own
+	// it next ("" when no other node serves its pool).
+	Moves         []*SessionMove `protobuf:"bytes,7,rep,name=moves,proto3" json:"moves,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainProgress) Reset() {
+	*x = DrainProgress{}
+	mi := &file_snakepit_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainProgress) ProtoMessage() {}
+
+func (x *DrainProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainProgress.ProtoReflect.Descriptor instead.
+func (*DrainProgress) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *DrainProgress) GetInFlight() uint32 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetQueued() uint32 {
+	if x != nil {
+		return x.Queued
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetSessions() uint32 {
+	if x != nil {
+		return x.Sessions
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetRemaining() *durationpb.Duration {
+	if x != nil {
+		return x.Remaining
+	}
+	return nil
+}
+
+func (x *DrainProgress) GetDrained() bool {
+	if x != nil {
+		return x.Drained
+	}
+	return false
+}
+
+func (x *DrainProgress) GetCancelled() uint32 {
+	if x != nil {
+		return x.Cancelled
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetMoves() []*SessionMove {
+	if x != nil {
+		return x.Moves
+	}
+	return nil
+}
+
+type SessionMove struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SessionId     string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	Pool          string                 `protobuf:"bytes,2,opt,name=pool,proto3" json:"pool,omitempty"`
+	NextNode      string                 `protobuf:"bytes,3,opt,name=next_node,json=nextNode,proto3" json:"next_node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionMove) Reset() {
+	*x = SessionMove{}
+	mi := &file_snakepit_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionMove) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionMove) ProtoMessage() {}
+
+func (x *SessionMove) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionMove.ProtoReflect.Descriptor instead.
+func (*SessionMove) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *SessionMove) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *SessionMove) GetPool() string {
+	if x != nil {
+		return x.Pool
+	}
+	return ""
+}
+
+func (x *SessionMove) GetNextNode() string {
+	if x != nil {
+		return x.NextNode
+	}
+	return ""
+}
+
 var File_snakepit_v1_admin_proto protoreflect.FileDescriptor
 
 const file_snakepit_v1_admin_proto_rawDesc = "" +
@@ -591,10 +804,27 @@ const file_snakepit_v1_admin_proto_rawDesc = "" +
 	"\aupdated\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\aupdated\x1a<\n" +
 	"\x0ePoolSizesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x012\xeb\x02\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"^\n" +
+	"\fDrainRequest\x125\n" +
+	"\bdeadline\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\bdeadline\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"\x81\x02\n" +
+	"\rDrainProgress\x12\x1b\n" +
+	"\tin_flight\x18\x01 \x01(\rR\binFlight\x12\x16\n" +
+	"\x06queued\x18\x02 \x01(\rR\x06queued\x12\x1a\n" +
+	"\bsessions\x18\x03 \x01(\rR\bsessions\x127\n" +
+	"\tremaining\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\tremaining\x12\x18\n" +
+	"\adrained\x18\x05 \x01(\bR\adrained\x12\x1c\n" +
+	"\tcancelled\x18\x06 \x01(\rR\tcancelled\x12.\n" +
+	"\x05moves\x18\a \x03(\v2\x18.snakepit.v1.SessionMoveR\x05moves\"]\n" +
+	"\vSessionMove\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x12\n" +
+	"\x04pool\x18\x02 \x01(\tR\x04pool\x12\x1b\n" +
+	"\tnext_node\x18\x03 \x01(\tR\bnextNode2\xad\x03\n" +
 	"\x05Admin\x12A\n" +
 	"\x06Cordon\x12\x1a.snakepit.v1.CordonRequest\x1a\x1b.snakepit.v1.CordonResponse\x12G\n" +
-	"\bUncordon\x12\x1c.snakepit.v1.UncordonRequest\x1a\x1d.snakepit.v1.UncordonResponse\x12A\n" +
+	"\bUncordon\x12\x1c.snakepit.v1.UncordonRequest\x1a\x1d.snakepit.v1.UncordonResponse\x12@\n" +
+	"\x05Drain\x12\x19.snakepit.v1.DrainRequest\x1a\x1a.snakepit.v1.DrainProgress0\x01\x12A\n" +
 	"\x06Resize\x12\x1a.snakepit.v1.ResizeRequest\x1a\x1b.snakepit.v1.ResizeResponse\x12P\n" +
 	"\vListWorkers\x12\x1f.snakepit.v1.ListWorkersRequest\x1a .snakepit.v1.ListWorkersResponse\x12A\n" +
 	"\x06Intent\x12\x1a.snakepit.v1.IntentRequest\x1a\x1b.snakepit.v1.IntentResponseB;Z9github.com/snakepit/snakepit/proto/snakepit/v1;snakepitv1b\x06proto3"
@@ -611,7 +841,7 @@ func file_snakepit_v1_admin_proto_rawDescGZIP() []byte {
 	return file_snakepit_v1_admin_proto_rawDescData
 }
 
-var file_snakepit_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_snakepit_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_snakepit_v1_admin_proto_goTypes = []any{
 	(*CordonRequest)(nil),         // 0: snakepit.v1.CordonRequest
 	(*CordonResponse)(nil),        // 1: snakepit.v1.CordonResponse
@@ -624,34 +854,42 @@ var file_snakepit_v1_admin_proto_goTypes = []any{
 	(*PoolWorker)(nil),            // 8: snakepit.v1.PoolWorker
 	(*IntentRequest)(nil),         // 9: snakepit.v1.IntentRequest
 	(*IntentResponse)(nil),        // 10: snakepit.v1.IntentResponse
-	nil,                           // 11: snakepit.v1.IntentResponse.PoolSizesEntry
-	(*durationpb.Duration)(nil),   // 12: google.protobuf.Duration
-	(*WorkerStatus)(nil),          // 13: snakepit.v1.WorkerStatus
-	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
+	(*DrainRequest)(nil),          // 11: snakepit.v1.DrainRequest
+	(*DrainProgress)(nil),         // 12: snakepit.v1.DrainProgress
+	(*SessionMove)(nil),           // 13: snakepit.v1.SessionMove
+	nil,                           // 14: snakepit.v1.IntentResponse.PoolSizesEntry
+	(*durationpb.Duration)(nil),   // 15: google.protobuf.Duration
+	(*WorkerStatus)(nil),          // 16: snakepit.v1.WorkerStatus
+	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
 }
 var file_snakepit_v1_admin_proto_depIdxs = []int32{
 	10, // 0: snakepit.v1.CordonResponse.intent:type_name -> snakepit.v1.IntentResponse
 	10, // 1: snakepit.v1.UncordonResponse.intent:type_name -> snakepit.v1.IntentResponse
-	12, // 2: snakepit.v1.ResizeRequest.deadline:type_name -> google.protobuf.Duration
+	15, // 2: snakepit.v1.ResizeRequest.deadline:type_name -> google.protobuf.Duration
 	8,  // 3: snakepit.v1.ListWorkersResponse.workers:type_name -> snakepit.v1.PoolWorker
-	13, // 4: snakepit.v1.PoolWorker.worker:type_name -> snakepit.v1.WorkerStatus
-	11, // 5: snakepit.v1.IntentResponse.pool_sizes:type_name -> snakepit.v1.IntentResponse.PoolSizesEntry
-	14, // 6: snakepit.v1.IntentResponse.updated:type_name -> google.protobuf.Timestamp
-	0,  // 7: snakepit.v1.Admin.Cordon:input_type -> snakepit.v1.CordonRequest
-	2,  // 8: snakepit.v1.Admin.Uncordon:input_type -> snakepit.v1.UncordonRequest
-	4,  // 9: snakepit.v1.Admin.Resize:input_type -> snakepit.v1.ResizeRequest
-	6,  // 10: snakepit.v1.Admin.ListWorkers:input_type -> snakepit.v1.ListWorkersRequest
-	9,  // 11: snakepit.v1.Admin.Intent:input_type -> snakepit.v1.IntentRequest
-	1,  // 12: snakepit.v1.Admin.Cordon:output_type -> snakepit.v1.CordonResponse
-	3,  // 13: snakepit.v1.Admin.Uncordon:output_type -> snakepit.v1.UncordonResponse
-	5,  // 14: snakepit.v1.Admin.Resize:output_type -> snakepit.v1.ResizeResponse
-	7,  // 15: snakepit.v1.Admin.ListWorkers:output_type -> snakepit.v1.ListWorkersResponse
-	10, // 16: snakepit.v1.Admin.Intent:output_type -> snakepit.v1.IntentResponse
-	12, // [12:17] is the sub-list for method output_type
-	7,  // [7:12] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	16, // 4: snakepit.v1.PoolWorker.worker:type_name -> snakepit.v1.WorkerStatus
+	14, // 5: snakepit.v1.IntentResponse.pool_sizes:type_name -> snakepit.v1.IntentResponse.PoolSizesEntry
+	17, // 6: snakepit.v1.IntentResponse.updated:type_name -> google.protobuf.Timestamp
+	15, // 7: snakepit.v1.DrainRequest.deadline:type_name -> google.protobuf.Duration
+	15, // 8: snakepit.v1.DrainProgress.remaining:type_name -> google.protobuf.Duration
+	13, // 9: snakepit.v1.DrainProgress.moves:type_name -> snakepit.v1.SessionMove
+	0,  // 10: snakepit.v1.Admin.Cordon:input_type -> snakepit.v1.CordonRequest
+	2,  // 11: snakepit.v1.Admin.Uncordon:input_type -> snakepit.v1.UncordonRequest
+	11, // 12: snakepit.v1.Admin.Drain:input_type -> snakepit.v1.DrainRequest
+	4,  // 13: snakepit.v1.Admin.Resize:input_type -> snakepit.v1.ResizeRequest
+	6,  // 14: snakepit.v1.Admin.ListWorkers:input_type -> snakepit.v1.ListWorkersRequest
+	9,  // 15: snakepit.v1.Admin.Intent:input_type -> snakepit.v1.IntentRequest
+	1,  // 16: snakepit.v1.Admin.Cordon:output_type -> snakepit.v1.CordonResponse
+	3,  // 17: snakepit.v1.Admin.Uncordon:output_type -> snakepit.v1.UncordonResponse
+	12, // 18: snakepit.v1.Admin.Drain:output_type -> snakepit.v1.DrainProgress
+	5,  // 19: snakepit.v1.Admin.Resize:output_type -> snakepit.v1.ResizeResponse
+	7,  // 20: snakepit.v1.Admin.ListWorkers:output_type -> snakepit.v1.ListWorkersResponse
+	10, // 21: snakepit.v1.Admin.Intent:output_type -> snakepit.v1.IntentResponse
+	16, // [16:22] is the sub-list for method output_type
+	10, // [10:16] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_snakepit_v1_admin_proto_init() }
@@ -666,7 +904,7 @@ func file_snakepit_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snakepit_v1_admin_proto_rawDesc), len(file_snakepit_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

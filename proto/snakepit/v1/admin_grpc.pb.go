@@ -24,6 +24,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Admin_Cordon_FullMethodName      = "/snakepit.v1.Admin/Cordon"
 	Admin_Uncordon_FullMethodName    = "/snakepit.v1.Admin/Uncordon"
+	Admin_Drain_FullMethodName       = "/snakepit.v1.Admin/Drain"
 	Admin_Resize_FullMethodName      = "/snakepit.v1.Admin/Resize"
 	Admin_ListWorkers_FullMethodName = "/snakepit.v1.Admin/ListWorkers"
 	Admin_Intent_FullMethodName      = "/snakepit.v1.Admin/Intent"
@@ -42,6 +43,11 @@ type AdminClient interface {
 	Cordon(ctx context.Context, in *CordonRequest, opts ...grpc.CallOption) (*CordonResponse, error)
 	// Uncordon undoes Cordon and Drain.
 	Uncordon(ctx context.Context, in *UncordonRequest, opts ...grpc.CallOption) (*UncordonResponse, error)
+	// Drain cordons the node, hands its sessions to their next owners, lets
+	// calls in flight and queued finish, and reports progress until no call
+	// runs ("drained") or the deadline passes (then the remaining calls are
+	// cancelled and reported).
+	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error)
 	// Resize changes a pool's worker count.
 	Resize(ctx context.Context, in *ResizeRequest, opts ...grpc.CallOption) (*ResizeResponse, error)
 	// ListWorkers lists the node's workers.
@@ -77,6 +83,25 @@ func (c *adminClient) Uncordon(ctx context.Context, in *UncordonRequest, opts ..
 	}
 	return out, nil
 }
+
+func (c *adminClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_Drain_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[DrainRequest, DrainProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_DrainClient = grpc.ServerStreamingClient[DrainProgress]
 
 func (c *adminClient) Resize(ctx context.Context, in *ResizeRequest, opts ...grpc.CallOption) (*ResizeResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -121,6 +146,11 @@ type AdminServer interface {
 	Cordon(context.Context, *CordonRequest) (*CordonResponse, error)
 	// Uncordon undoes Cordon and Drain.
 	Uncordon(context.Context, *UncordonRequest) (*UncordonResponse, error)
+	// Drain cordons the node, hands its sessions to their next owners, lets
+	// calls in flight and queued finish, and reports progress until no call
+	// runs ("drained") or the deadline passes (then the remaining calls are
+	// cancelled and reported).
+	Drain(*DrainRequest, grpc.ServerStreamingServer[DrainProgress]) error
 	// Resize changes a pool's worker count.
 	Resize(context.Context, *ResizeRequest) (*ResizeResponse, error)
 	// ListWorkers lists the node's workers.
@@ -142,6 +172,9 @@ func (UnimplementedAdminServer) Cordon(context.Context, *CordonRequest) (*Cordon
 }
 func (UnimplementedAdminServer) Uncordon(context.Context, *UncordonRequest) (*UncordonResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Uncordon not implemented")
+}
+func (UnimplementedAdminServer) Drain(*DrainRequest, grpc.ServerStreamingServer[DrainProgress]) error {
+	return status.Error(codes.Unimplemented, "method Drain not implemented")
 }
 func (UnimplementedAdminServer) Resize(context.Context, *ResizeRequest) (*ResizeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Resize not implemented")
@@ -208,6 +241,17 @@ func _Admin_Uncordon_Handler(srv interface{}, ctx context.Context, dec func(inte
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _Admin_Drain_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(DrainRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).Drain(m, &grpc.GenericServerStream[DrainRequest, DrainProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_DrainServer = grpc.ServerStreamingServer[DrainProgress]
 
 func _Admin_Resize_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ResizeRequest)
@@ -291,6 +335,12 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Admin_Intent_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Drain",
+			Handler:       _Admin_Drain_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "snakepit/v1/admin.proto",
 }
