@@ -47,7 +47,9 @@ func TestDrainWaitsForCallsInFlight(t *testing.T) {
 	}()
 	waitStatus(t, tn, func(p *snakepitv1.PoolStatus) bool { return p.GetBusy() == 1 })
 	progress := make(chan []*snakepitv1.DrainProgress, 1)
-	go func() { progress <- drainAll(t, admin, &snakepitv1.DrainRequest{Deadline: durationpb.New(time.Minute)}) }()
+	go func() {
+		progress <- drainAll(t, admin, &snakepitv1.DrainRequest{Deadline: durationpb.New(time.Minute)})
+	}()
 	waitIntent(t, admin, func(in *snakepitv1.IntentResponse) bool { return in.GetDraining() && in.GetCordoned() })
 	// While draining: sessionless work is refused (not executed); the
 	// session whose call runs here may still call here.
