@@ -251,7 +251,9 @@ func (p *Pool) noteCallLocked(s *session) {
 // callDone ends a session call's bookkeeping.
 func (p *Pool) callDone(id string) {
 	p.mu.Lock()
-	if s := p.sessions[id]; s != nil {
+	// The session may have been closed and opened again during the call;
+	// a fresh one has nothing in flight to count down.
+	if s := p.sessions[id]; s != nil && s.inFlight > 0 {
 		s.inFlight--
 		s.lastUsed = time.Now()
 	}
