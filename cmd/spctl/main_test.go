@@ -170,6 +170,8 @@ func TestSpctlAdmin(t *testing.T) {
 		{[]string{"resize", "default"}, 2, "", "resize takes POOL and SIZE"},
 		{[]string{"resize", "nope", "2"}, 1, "", `no pool "nope"`},
 		{[]string{"version", "--addr", addr}, 0, "snakepitd", ""},
+		{[]string{"status", "--cluster"}, 0, "TOTAL (1/1 nodes)", ""},
+		{[]string{"status", "--cluster", "-o", "json"}, 0, `"totals"`, ""},
 		{[]string{"drain", "--dry-run"}, 0, "SESSION", ""},
 		{[]string{"drain", "--wait", "--deadline", "10s"}, 0, "drained (0 calls cancelled", ""},
 		{[]string{"exec", "noop", "--addr", addr}, 1, "", "node is draining"},

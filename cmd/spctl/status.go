@@ -15,11 +15,15 @@ import (
 )
 
 func newStatusCmd(g *globalOpts) *cobra.Command {
-	return &cobra.Command{
+	var cluster bool
+	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Show the node's pools, workers and call statistics",
+		Short: "Show the node's pools, workers and call statistics (--cluster: every node, with totals)",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cluster {
+				return clusterStatus(cmd, g)
+			}
 			c, _, err := g.dial()
 			if err != nil {
 				return err
@@ -73,6 +77,53 @@ func newStatusCmd(g *globalOpts) *cobra.Command {
 			return tw.Flush()
 		},
 	}
+	cmd.Flags().BoolVar(&cluster, "cluster", false, "ask every node of the cluster (an admin verb: admin socket, or --addr with credentials)")
+	return cmd
+}
+
+func clusterStatus(cmd *cobra.Command, g *globalOpts) error {
+	ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
+	defer cancel()
+	c, ctx, err := g.dialAdmin(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	st, err := c.Admin.ClusterStatus(ctx, &snakepitv1.ClusterStatusRequest{})
+	if err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(cmd, st)
+	}
+	tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE	ADDRESS	VERSION	WORKERS	BUSY	QUEUED	SERVED	ERRORS	STATE")
+	for _, r := range st.GetNodes() {
+		if r.GetStatus() == nil {
+			fmt.Fprintf(tw, "%s	%s	-	-	-	-	-	-	unreachable: %s\n", r.GetNodeId(), r.GetAddress(), r.GetError())
+			continue
+		}
+		var size, ready, busy, queued uint32
+		var served, errs uint64
+		state := "ready"
+		for _, p := range r.GetStatus().GetPools() {
+			size += p.GetSize()
+			ready += p.GetReadyWorkers()
+			busy += p.GetBusy()
+			queued += p.GetQueued()
+			served += p.GetServed()
+			errs += p.GetErrors()
+			if s := stateName(p.GetState()); s != "ready" {
+				state = p.GetName() + " " + s
+			}
+		}
+		fmt.Fprintf(tw, "%s	%s	%s	%d/%d	%d	%d	%d	%d	%s\n", r.GetNodeId(), r.GetAddress(), r.GetStatus().GetVersion(),
+			ready, size, busy, queued, served, errs, state)
+	}
+	t := st.GetTotals()
+	fmt.Fprintf(tw, "TOTAL (%d/%d nodes)			%d/%d	%d	%d	%d	%d	%d sessions\n", t.GetReachable(), t.GetNodes(),
+		t.GetReadyWorkers(), t.GetWorkers(), t.GetBusy(), t.GetQueued(), t.GetServed(), t.GetErrors(), t.GetSessions())
+	return tw.Flush()
 }
 
 func stateName(s snakepitv1.PoolState) string {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -175,5 +176,40 @@ func TestAdminSocketIsPrivate(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("second daemon on the same state dir did not fail")
+	}
+}
+
+func TestClusterStatus(t *testing.T) {
+	cfg := testConfig(t)
+	tn := startNode(t, cfg)
+	other := startNode(t, testConfig(t))
+	tn.exec(t, &snakepitv1.ExecuteRequest{Tool: "noop"})
+	admin := adminOverSocket(t, cfg)
+	// Standalone: just this node.
+	st, err := admin.ClusterStatus(context.Background(), &snakepitv1.ClusterStatusRequest{})
+	if err != nil || len(st.GetNodes()) != 1 || st.GetTotals().GetReachable() != 1 || st.GetTotals().GetServed() != 1 || st.GetTotals().GetWorkers() != 2 {
+		t.Fatalf("ClusterStatus standalone = %v, %v", st, err)
+	}
+	if st.GetNodes()[0].GetAddress() != tn.addr {
+		t.Errorf("own address = %q, want %q", st.GetNodes()[0].GetAddress(), tn.addr)
+	}
+	// With peers: one answers, one does not.
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := l.Addr().String()
+	l.Close()
+	n, err := New(testConfig(t), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.PeerAddrs = func() map[string]string { return map[string]string{"node-b": other.addr, "node-c": dead} }
+	st, err = (&adminService{node: n}).ClusterStatus(context.Background(), &snakepitv1.ClusterStatusRequest{})
+	if err != nil || len(st.GetNodes()) != 3 || st.GetTotals().GetReachable() != 2 {
+		t.Fatalf("ClusterStatus with peers = %v, %v; want 3 rows, 2 reachable", st, err)
+	}
+	if r := st.GetNodes()[2]; r.GetNodeId() != "node-c" || r.GetError() == "" || r.GetStatus() != nil {
+		t.Errorf("unreachable row = %v, want node-c with an error", r)
+	}
+	if r := st.GetNodes()[1]; r.GetNodeId() != "node-b" || r.GetStatus().GetNodeId() != "node-a" {
+		t.Errorf("peer row = %v, want node-b's status", r)
 	}
 }

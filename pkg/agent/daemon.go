@@ -60,6 +60,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	if err != nil {
 		return fmt.Errorf("listen on %s (listen): %w", cfg.Listen, err)
 	}
+	n.addr.Store(lis.Addr().String())
 	if hooks.Listening != nil {
 		hooks.Listening(lis.Addr())
 	}

@@ -86,7 +86,12 @@ type Node struct {
 	// that would own a session of a pool if this one left; Drain's dry run
 	// reports it.
 	NextOwner func(pool, sessionID string) string
-	healthCh  chan struct{}
+	// PeerAddrs, when set (by cluster discovery, before Run), returns the
+	// cluster's nodes as this node sees them: node id -> gRPC address.
+	PeerAddrs func() map[string]string
+	// addr is the gRPC address the node serves on, once bound.
+	addr     atomic.Value
+	healthCh chan struct{}
 }
 
 // New checks cfg and builds a node. It does no I/O and starts nothing.
@@ -502,3 +507,10 @@ func (n *Node) healthChanged() {
 // HealthChanges delivers a value whenever the node's health may have
 // changed; read Healthy then.
 func (n *Node) HealthChanges() <-chan struct{} { return n.healthCh }
+
+// advertised returns the address the node serves on ("" before it is
+// bound).
+func (n *Node) advertised() string {
+	s, _ := n.addr.Load().(string)
+	return s
+}

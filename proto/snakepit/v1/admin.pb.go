@@ -768,6 +768,272 @@ func (x *SessionMove) GetNextNode() string {
 	return ""
 }
 
+type ClusterStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterStatusRequest) Reset() {
+	*x = ClusterStatusRequest{}
+	mi := &file_snakepit_v1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterStatusRequest) ProtoMessage() {}
+
+func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterStatusRequest.ProtoReflect.Descriptor instead.
+func (*ClusterStatusRequest) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+type ClusterStatusResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nodes         []*NodeStatus          `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	Totals        *ClusterTotals         `protobuf:"bytes,2,opt,name=totals,proto3" json:"totals,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterStatusResponse) Reset() {
+	*x = ClusterStatusResponse{}
+	mi := &file_snakepit_v1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterStatusResponse) ProtoMessage() {}
+
+func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterStatusResponse.ProtoReflect.Descriptor instead.
+func (*ClusterStatusResponse) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ClusterStatusResponse) GetNodes() []*NodeStatus {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *ClusterStatusResponse) GetTotals() *ClusterTotals {
+	if x != nil {
+		return x.Totals
+	}
+	return nil
+}
+
+// NodeStatus is one node's row: its status, or why it could not be asked.
+type NodeStatus struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	NodeId  string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Address string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Status  *StatusResponse        `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
+	// error is set when the node did not answer.
+	Error         string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeStatus) Reset() {
+	*x = NodeStatus{}
+	mi := &file_snakepit_v1_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeStatus) ProtoMessage() {}
+
+func (x *NodeStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
+func (*NodeStatus) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *NodeStatus) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeStatus) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *NodeStatus) GetStatus() *StatusResponse {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
+func (x *NodeStatus) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type ClusterTotals struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nodes         uint32                 `protobuf:"varint,1,opt,name=nodes,proto3" json:"nodes,omitempty"`
+	Reachable     uint32                 `protobuf:"varint,2,opt,name=reachable,proto3" json:"reachable,omitempty"`
+	Workers       uint32                 `protobuf:"varint,3,opt,name=workers,proto3" json:"workers,omitempty"`
+	ReadyWorkers  uint32                 `protobuf:"varint,4,opt,name=ready_workers,json=readyWorkers,proto3" json:"ready_workers,omitempty"`
+	Busy          uint32                 `protobuf:"varint,5,opt,name=busy,proto3" json:"busy,omitempty"`
+	Queued        uint32                 `protobuf:"varint,6,opt,name=queued,proto3" json:"queued,omitempty"`
+	Served        uint64                 `protobuf:"varint,7,opt,name=served,proto3" json:"served,omitempty"`
+	Errors        uint64                 `protobuf:"varint,8,opt,name=errors,proto3" json:"errors,omitempty"`
+	Sessions      uint32                 `protobuf:"varint,9,opt,name=sessions,proto3" json:"sessions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterTotals) Reset() {
+	*x = ClusterTotals{}
+	mi := &file_snakepit_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterTotals) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterTotals) ProtoMessage() {}
+
+func (x *ClusterTotals) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterTotals.ProtoReflect.Descriptor instead.
+func (*ClusterTotals) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ClusterTotals) GetNodes() uint32 {
+	if x != nil {
+		return x.Nodes
+	}
+	return 0
+}
+
+func (x *ClusterTotals) GetReachable() uint32 {
+	if x != nil {
+		return x.Reachable
+	}
+	return 0
+}
+
+func (x *ClusterTotals) GetWorkers() uint32 {
+	if x != nil {
+		return x.Workers
+	}
+	return 0
+}
+
+func (x *ClusterTotals) GetReadyWorkers() uint32 {
+	if x != nil {
+		return x.ReadyWorkers
+	}
+	return 0
+}
+
+func (x *ClusterTotals) GetBusy() uint32 {
+	if x != nil {
+		return x.Busy
+	}
+	return 0
+}
+
+func (x *ClusterTotals) GetQueued() uint32 {
+	if x != nil {
+		return x.Queued
+	}
+	return 0
+}
+
+func (x *ClusterTotals) GetServed() uint64 {
+	if x != nil {
+		return x.Served
+	}
+	return 0
+}
+
+func (x *ClusterTotals) GetErrors() uint64 {
+	if x != nil {
+		return x.Errors
+	}
+	return 0
+}
+
+func (x *ClusterTotals) GetSessions() uint32 {
+	if x != nil {
+		return x.Sessions
+	}
+	return 0
+}
+
 var File_snakepit_v1_admin_proto protoreflect.FileDescriptor
 
 const file_snakepit_v1_admin_proto_rawDesc = "" +
@@ -820,13 +1086,34 @@ const file_snakepit_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x12\n" +
 	"\x04pool\x18\x02 \x01(\tR\x04pool\x12\x1b\n" +
-	"\tnext_node\x18\x03 \x01(\tR\bnextNode2\xad\x03\n" +
+	"\tnext_node\x18\x03 \x01(\tR\bnextNode\"\x16\n" +
+	"\x14ClusterStatusRequest\"z\n" +
+	"\x15ClusterStatusResponse\x12-\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x17.snakepit.v1.NodeStatusR\x05nodes\x122\n" +
+	"\x06totals\x18\x02 \x01(\v2\x1a.snakepit.v1.ClusterTotalsR\x06totals\"\x8a\x01\n" +
+	"\n" +
+	"NodeStatus\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x123\n" +
+	"\x06status\x18\x03 \x01(\v2\x1b.snakepit.v1.StatusResponseR\x06status\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\"\xfa\x01\n" +
+	"\rClusterTotals\x12\x14\n" +
+	"\x05nodes\x18\x01 \x01(\rR\x05nodes\x12\x1c\n" +
+	"\treachable\x18\x02 \x01(\rR\treachable\x12\x18\n" +
+	"\aworkers\x18\x03 \x01(\rR\aworkers\x12#\n" +
+	"\rready_workers\x18\x04 \x01(\rR\freadyWorkers\x12\x12\n" +
+	"\x04busy\x18\x05 \x01(\rR\x04busy\x12\x16\n" +
+	"\x06queued\x18\x06 \x01(\rR\x06queued\x12\x16\n" +
+	"\x06served\x18\a \x01(\x04R\x06served\x12\x16\n" +
+	"\x06errors\x18\b \x01(\x04R\x06errors\x12\x1a\n" +
+	"\bsessions\x18\t \x01(\rR\bsessions2\x85\x04\n" +
 	"\x05Admin\x12A\n" +
 	"\x06Cordon\x12\x1a.snakepit.v1.CordonRequest\x1a\x1b.snakepit.v1.CordonResponse\x12G\n" +
 	"\bUncordon\x12\x1c.snakepit.v1.UncordonRequest\x1a\x1d.snakepit.v1.UncordonResponse\x12@\n" +
 	"\x05Drain\x12\x19.snakepit.v1.DrainRequest\x1a\x1a.snakepit.v1.DrainProgress0\x01\x12A\n" +
 	"\x06Resize\x12\x1a.snakepit.v1.ResizeRequest\x1a\x1b.snakepit.v1.ResizeResponse\x12P\n" +
-	"\vListWorkers\x12\x1f.snakepit.v1.ListWorkersRequest\x1a .snakepit.v1.ListWorkersResponse\x12A\n" +
+	"\vListWorkers\x12\x1f.snakepit.v1.ListWorkersRequest\x1a .snakepit.v1.ListWorkersResponse\x12V\n" +
+	"\rClusterStatus\x12!.snakepit.v1.ClusterStatusRequest\x1a\".snakepit.v1.ClusterStatusResponse\x12A\n" +
 	"\x06Intent\x12\x1a.snakepit.v1.IntentRequest\x1a\x1b.snakepit.v1.IntentResponseB;Z9github.com/snakepit/snakepit/proto/snakepit/v1;snakepitv1b\x06proto3"
 
 var (
@@ -841,7 +1128,7 @@ func file_snakepit_v1_admin_proto_rawDescGZIP() []byte {
 	return file_snakepit_v1_admin_proto_rawDescData
 }
 
-var file_snakepit_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_snakepit_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_snakepit_v1_admin_proto_goTypes = []any{
 	(*CordonRequest)(nil),         // 0: snakepit.v1.CordonRequest
 	(*CordonResponse)(nil),        // 1: snakepit.v1.CordonResponse
@@ -857,39 +1144,49 @@ var file_snakepit_v1_admin_proto_goTypes = []any{
 	(*DrainRequest)(nil),          // 11: snakepit.v1.DrainRequest
 	(*DrainProgress)(nil),         // 12: snakepit.v1.DrainProgress
 	(*SessionMove)(nil),           // 13: snakepit.v1.SessionMove
-	nil,                           // 14: snakepit.v1.IntentResponse.PoolSizesEntry
-	(*durationpb.Duration)(nil),   // 15: google.protobuf.Duration
-	(*WorkerStatus)(nil),          // 16: snakepit.v1.WorkerStatus
-	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
+	(*ClusterStatusRequest)(nil),  // 14: snakepit.v1.ClusterStatusRequest
+	(*ClusterStatusResponse)(nil), // 15: snakepit.v1.ClusterStatusResponse
+	(*NodeStatus)(nil),            // 16: snakepit.v1.NodeStatus
+	(*ClusterTotals)(nil),         // 17: snakepit.v1.ClusterTotals
+	nil,                           // 18: snakepit.v1.IntentResponse.PoolSizesEntry
+	(*durationpb.Duration)(nil),   // 19: google.protobuf.Duration
+	(*WorkerStatus)(nil),          // 20: snakepit.v1.WorkerStatus
+	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
+	(*StatusResponse)(nil),        // 22: snakepit.v1.StatusResponse
 }
 var file_snakepit_v1_admin_proto_depIdxs = []int32{
 	10, // 0: snakepit.v1.CordonResponse.intent:type_name -> snakepit.v1.IntentResponse
 	10, // 1: snakepit.v1.UncordonResponse.intent:type_name -> snakepit.v1.IntentResponse
-	15, // 2: snakepit.v1.ResizeRequest.deadline:type_name -> google.protobuf.Duration
+	19, // 2: snakepit.v1.ResizeRequest.deadline:type_name -> google.protobuf.Duration
 	8,  // 3: snakepit.v1.ListWorkersResponse.workers:type_name -> snakepit.v1.PoolWorker
-	16, // 4: snakepit.v1.PoolWorker.worker:type_name -> snakepit.v1.WorkerStatus
-	14, // 5: snakepit.v1.IntentResponse.pool_sizes:type_name -> snakepit.v1.IntentResponse.PoolSizesEntry
-	17, // 6: snakepit.v1.IntentResponse.updated:type_name -> google.protobuf.Timestamp
-	15, // 7: snakepit.v1.DrainRequest.deadline:type_name -> google.protobuf.Duration
-	15, // 8: snakepit.v1.DrainProgress.remaining:type_name -> google.protobuf.Duration
+	20, // 4: snakepit.v1.PoolWorker.worker:type_name -> snakepit.v1.WorkerStatus
+	18, // 5: snakepit.v1.IntentResponse.pool_sizes:type_name -> snakepit.v1.IntentResponse.PoolSizesEntry
+	21, // 6: snakepit.v1.IntentResponse.updated:type_name -> google.protobuf.Timestamp
+	19, // 7: snakepit.v1.DrainRequest.deadline:type_name -> google.protobuf.Duration
+	19, // 8: snakepit.v1.DrainProgress.remaining:type_name -> google.protobuf.Duration
 	13, // 9: snakepit.v1.DrainProgress.moves:type_name -> snakepit.v1.SessionMove
-	0,  // 10: snakepit.v1.Admin.Cordon:input_type -> snakepit.v1.CordonRequest
-	2,  // 11: snakepit.v1.Admin.Uncordon:input_type -> snakepit.v1.UncordonRequest
-	11, // 12: snakepit.v1.Admin.Drain:input_type -> snakepit.v1.DrainRequest
-	4,  // 13: snakepit.v1.Admin.Resize:input_type -> snakepit.v1.ResizeRequest
-	6,  // 14: snakepit.v1.Admin.ListWorkers:input_type -> snakepit.v1.ListWorkersRequest
-	9,  // 15: snakepit.v1.Admin.Intent:input_type -> snakepit.v1.IntentRequest
-	1,  // 16: snakepit.v1.Admin.Cordon:output_type -> snakepit.v1.CordonResponse
-	3,  // 17: snakepit.v1.Admin.Uncordon:output_type -> snakepit.v1.UncordonResponse
-	12, // 18: snakepit.v1.Admin.Drain:output_type -> snakepit.v1.DrainProgress
-	5,  // 19: snakepit.v1.Admin.Resize:output_type -> snakepit.v1.ResizeResponse
-	7,  // 20: snakepit.v1.Admin.ListWorkers:output_type -> snakepit.v1.ListWorkersResponse
-	10, // 21: snakepit.v1.Admin.Intent:output_type -> snakepit.v1.IntentResponse
-	16, // [16:22] is the sub-list for method output_type
-	10, // [10:16] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	16, // 10: snakepit.v1.ClusterStatusResponse.nodes:type_name -> snakepit.v1.NodeStatus
+	17, // 11: snakepit.v1.ClusterStatusResponse.totals:type_name -> snakepit.v1.ClusterTotals
+	22, // 12: snakepit.v1.NodeStatus.status:type_name -> snakepit.v1.StatusResponse
+	0,  // 13: snakepit.v1.Admin.Cordon:input_type -> snakepit.v1.CordonRequest
+	2,  // 14: snakepit.v1.Admin.Uncordon:input_type -> snakepit.v1.UncordonRequest
+	11, // 15: snakepit.v1.Admin.Drain:input_type -> snakepit.v1.DrainRequest
+	4,  // 16: snakepit.v1.Admin.Resize:input_type -> snakepit.v1.ResizeRequest
+	6,  // 17: snakepit.v1.Admin.ListWorkers:input_type -> snakepit.v1.ListWorkersRequest
+	14, // 18: snakepit.v1.Admin.ClusterStatus:input_type -> snakepit.v1.ClusterStatusRequest
+	9,  // 19: snakepit.v1.Admin.Intent:input_type -> snakepit.v1.IntentRequest
+	1,  // 20: snakepit.v1.Admin.Cordon:output_type -> snakepit.v1.CordonResponse
+	3,  // 21: snakepit.v1.Admin.Uncordon:output_type -> snakepit.v1.UncordonResponse
+	12, // 22: snakepit.v1.Admin.Drain:output_type -> snakepit.v1.DrainProgress
+	5,  // 23: snakepit.v1.Admin.Resize:output_type -> snakepit.v1.ResizeResponse
+	7,  // 24: snakepit.v1.Admin.ListWorkers:output_type -> snakepit.v1.ListWorkersResponse
+	15, // 25: snakepit.v1.Admin.ClusterStatus:output_type -> snakepit.v1.ClusterStatusResponse
+	10, // 26: snakepit.v1.Admin.Intent:output_type -> snakepit.v1.IntentResponse
+	20, // [20:27] is the sub-list for method output_type
+	13, // [13:20] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_snakepit_v1_admin_proto_init() }
@@ -904,7 +1201,7 @@ func file_snakepit_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snakepit_v1_admin_proto_rawDesc), len(file_snakepit_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

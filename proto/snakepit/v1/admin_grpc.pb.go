@@ -22,12 +22,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_Cordon_FullMethodName      = "/snakepit.v1.Admin/Cordon"
-	Admin_Uncordon_FullMethodName    = "/snakepit.v1.Admin/Uncordon"
-	Admin_Drain_FullMethodName       = "/snakepit.v1.Admin/Drain"
-	Admin_Resize_FullMethodName      = "/snakepit.v1.Admin/Resize"
-	Admin_ListWorkers_FullMethodName = "/snakepit.v1.Admin/ListWorkers"
-	Admin_Intent_FullMethodName      = "/snakepit.v1.Admin/Intent"
+	Admin_Cordon_FullMethodName        = "/snakepit.v1.Admin/Cordon"
+	Admin_Uncordon_FullMethodName      = "/snakepit.v1.Admin/Uncordon"
+	Admin_Drain_FullMethodName         = "/snakepit.v1.Admin/Drain"
+	Admin_Resize_FullMethodName        = "/snakepit.v1.Admin/Resize"
+	Admin_ListWorkers_FullMethodName   = "/snakepit.v1.Admin/ListWorkers"
+	Admin_ClusterStatus_FullMethodName = "/snakepit.v1.Admin/ClusterStatus"
+	Admin_Intent_FullMethodName        = "/snakepit.v1.Admin/Intent"
 )
 
 // AdminClient is the client API for Admin service.
@@ -52,6 +53,9 @@ type AdminClient interface {
 	Resize(ctx context.Context, in *ResizeRequest, opts ...grpc.CallOption) (*ResizeResponse, error)
 	// ListWorkers lists the node's workers.
 	ListWorkers(ctx context.Context, in *ListWorkersRequest, opts ...grpc.CallOption) (*ListWorkersResponse, error)
+	// ClusterStatus asks every node of the cluster (as this node sees it)
+	// for its status and adds them up.
+	ClusterStatus(ctx context.Context, in *ClusterStatusRequest, opts ...grpc.CallOption) (*ClusterStatusResponse, error)
 	// Intent reports the operator intent the node holds.
 	Intent(ctx context.Context, in *IntentRequest, opts ...grpc.CallOption) (*IntentResponse, error)
 }
@@ -123,6 +127,16 @@ func (c *adminClient) ListWorkers(ctx context.Context, in *ListWorkersRequest, o
 	return out, nil
 }
 
+func (c *adminClient) ClusterStatus(ctx context.Context, in *ClusterStatusRequest, opts ...grpc.CallOption) (*ClusterStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ClusterStatusResponse)
+	err := c.cc.Invoke(ctx, Admin_ClusterStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) Intent(ctx context.Context, in *IntentRequest, opts ...grpc.CallOption) (*IntentResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(IntentResponse)
@@ -155,6 +169,9 @@ type AdminServer interface {
 	Resize(context.Context, *ResizeRequest) (*ResizeResponse, error)
 	// ListWorkers lists the node's workers.
 	ListWorkers(context.Context, *ListWorkersRequest) (*ListWorkersResponse, error)
+	// ClusterStatus asks every node of the cluster (as this node sees it)
+	// for its status and adds them up.
+	ClusterStatus(context.Context, *ClusterStatusRequest) (*ClusterStatusResponse, error)
 	// Intent reports the operator intent the node holds.
 	Intent(context.Context, *IntentRequest) (*IntentResponse, error)
 	mustEmbedUnimplementedAdminServer()
@@ -181,6 +198,9 @@ func (UnimplementedAdminServer) Resize(context.Context, *ResizeRequest) (*Resize
 }
 func (UnimplementedAdminServer) ListWorkers(context.Context, *ListWorkersRequest) (*ListWorkersResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListWorkers not implemented")
+}
+func (UnimplementedAdminServer) ClusterStatus(context.Context, *ClusterStatusRequest) (*ClusterStatusResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ClusterStatus not implemented")
 }
 func (UnimplementedAdminServer) Intent(context.Context, *IntentRequest) (*IntentResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Intent not implemented")
@@ -289,6 +309,24 @@ func _Admin_ListWorkers_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ClusterStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ClusterStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ClusterStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ClusterStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ClusterStatus(ctx, req.(*ClusterStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_Intent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(IntentRequest)
 	if err := dec(in); err != nil {
@@ -329,6 +367,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListWorkers",
 			Handler:    _Admin_ListWorkers_Handler,
+		},
+		{
+			MethodName: "ClusterStatus",
+			Handler:    _Admin_ClusterStatus_Handler,
 		},
 		{
 			MethodName: "Intent",

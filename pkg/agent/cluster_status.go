@@ -1,0 +1,100 @@
+package agent
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
+)
+
+// clusterStatusTimeout bounds the wait for each peer's status.
+const clusterStatusTimeout = 5 * time.Second
+
+// ClusterStatus asks every node the cluster view lists (Node.PeerAddrs,
+// set by cluster discovery; just this node when unset) for its status, in
+// parallel, each within 5 s, and adds them up. A node that does not answer
+// gets a row with the error.
+func (a *adminService) ClusterStatus(ctx context.Context, _ *snakepitv1.ClusterStatusRequest) (*snakepitv1.ClusterStatusResponse, error) {
+	self, err := (&service{node: a.node}).Status(ctx, &snakepitv1.StatusRequest{})
+	if err != nil {
+		return nil, err
+	}
+	var peers map[string]string
+	if a.node.PeerAddrs != nil {
+		peers = a.node.PeerAddrs()
+	}
+	rows := []*snakepitv1.NodeStatus{{NodeId: a.node.ID(), Address: a.node.advertised(), Status: self}}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	creds, err := a.node.PeerCredentials()
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	for id, addr := range peers {
+		if id == a.node.ID() {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			row := &snakepitv1.NodeStatus{NodeId: id, Address: addr}
+			st, err := peerStatus(ctx, addr, creds)
+			if err != nil {
+				row.Error = err.Error()
+			}
+			row.Status = st
+			mu.Lock()
+			rows = append(rows, row)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	slices.SortFunc(rows[1:], func(x, y *snakepitv1.NodeStatus) int {
+		if x.GetNodeId() < y.GetNodeId() {
+			return -1
+		}
+		return 1
+	})
+	out := &snakepitv1.ClusterStatusResponse{Nodes: rows, Totals: &snakepitv1.ClusterTotals{}}
+	t := out.Totals
+	for _, r := range rows {
+		t.Nodes++
+		if r.GetStatus() == nil {
+			continue
+		}
+		t.Reachable++
+		for _, p := range r.GetStatus().GetPools() {
+			t.Workers += p.GetSize()
+			t.ReadyWorkers += p.GetReadyWorkers()
+			t.Busy += p.GetBusy()
+			t.Queued += p.GetQueued()
+			t.Served += p.GetServed()
+			t.Errors += p.GetErrors()
+			for _, w := range p.GetWorkers() {
+				t.Sessions += w.GetSessions()
+			}
+		}
+	}
+	return out, nil
+}
+
+func peerStatus(ctx context.Context, addr string, creds credentials.TransportCredentials) (*snakepitv1.StatusResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, clusterStatusTimeout)
+	defer cancel()
+	opt := grpc.WithTransportCredentials(insecure.NewCredentials())
+	if creds != nil {
+		opt = grpc.WithTransportCredentials(creds)
+	}
+	cc, err := grpc.NewClient("passthrough:///"+addr, opt)
+	if err != nil {
+		return nil, err
+	}
+	defer cc.Close()
+	return snakepitv1.NewSnakepitClient(cc).Status(ctx, &snakepitv1.StatusRequest{})
+}
