@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/snakepit/snakepit/pkg/agent"
+	"github.com/snakepit/snakepit/pkg/discovery"
 )
 
 func flags(t *testing.T, args ...string) *pflag.FlagSet {
@@ -34,6 +35,9 @@ func TestExampleConfigMatchesDefaults(t *testing.T) {
 	pool.Env = map[string]string{}
 	want.Pools = []agent.PoolConfig{pool}
 	want.AdminIdentities = []string{}
+	pool.GPUs.Pinned = []string{}
+	want.Pools = []agent.PoolConfig{pool}
+	want.Discovery.Static.Peers = []discovery.StaticPeer{}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("configs/snakepitd.yaml loads as\n%+v\nwant the defaults\n%+v", got, want)
 	}
@@ -42,7 +46,9 @@ func TestExampleConfigMatchesDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, typ := range []reflect.Type{reflect.TypeOf(agent.Config{}), reflect.TypeOf(agent.PoolConfig{})} {
+	for _, typ := range []reflect.Type{reflect.TypeOf(agent.Config{}), reflect.TypeOf(agent.PoolConfig{}),
+		reflect.TypeOf(agent.GPUConfig{}), reflect.TypeOf(discovery.Config{}), reflect.TypeOf(discovery.ConsulConfig{}),
+		reflect.TypeOf(discovery.TLSConfig{}), reflect.TypeOf(discovery.StaticConfig{})} {
 		for i := 0; i < typ.NumField(); i++ {
 			key := typ.Field(i).Tag.Get("mapstructure")
 			if !strings.Contains(string(text), "\n"+key+":") && !strings.Contains(string(text), " "+key+":") {
@@ -78,6 +84,18 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		{"bad duration", "shutdown_grace: soon\n", "shutdown_grace"},
 		{"bad listen", "listen: nowhere\n", "listen must be host:port"},
 		{"not yaml", "pools: [\n", "read config file"},
+		{"unknown discovery kind", "discovery:\n  kind: etcd\n", `discovery.kind must be "static" or "consul" (got "etcd")`},
+		{"malformed label", "discovery:\n  labels:\n    \"zone/eu\": a\n", `discovery.labels["zone/eu"]: key must be 1-63 of [A-Za-z0-9_-]`},
+		{"dotted label", "discovery:\n  labels:\n    \"topology.zone\": a\n", `discovery.labels[topology]`},
+		{"bad consul address", "discovery:\n  kind: consul\n  consul:\n    address: ftp://x:1\n", "discovery.consul.address"},
+		{"ttl too short", "discovery:\n  kind: consul\n  consul:\n    ttl: 10ms\n", "discovery.consul.ttl must be between"},
+		{"unknown discovery key", "discovery:\n  consul:\n    adress: x:1\n", "adress"},
+		{"wildcard listen without advertise", "listen: 0.0.0.0:7420\ndiscovery:\n  kind: consul\n", "advertise must be set"},
+		{"wildcard advertise", "advertise: 0.0.0.0:7420\n", "advertise must not be a wildcard"},
+		{"advertise without port", "advertise: host\n", "advertise must be host:port"},
+		{"negative gpus", "pools:\n  - name: p\n    adapter: m\n    gpus:\n      per_worker: -1\n", "pools[p].gpus.per_worker must not be negative"},
+		{"pinned without per_worker", "pools:\n  - name: p\n    adapter: m\n    gpus:\n      pinned: [GPU-1]\n", "pools[p].gpus.pinned needs gpus.per_worker"},
+		{"gpus and CUDA_VISIBLE_DEVICES", "pools:\n  - name: p\n    adapter: m\n    env:\n      CUDA_VISIBLE_DEVICES: \"0\"\n    gpus:\n      per_worker: 1\n", "pools[p].env.CUDA_VISIBLE_DEVICES conflicts"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

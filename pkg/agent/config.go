@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/snakepit/snakepit/pkg/client"
+	"github.com/snakepit/snakepit/pkg/discovery"
 	"github.com/snakepit/snakepit/pkg/pyruntime"
 )
 
@@ -110,6 +111,10 @@ type Config struct {
 	NodeID string `mapstructure:"node_id"`
 	// Listen is the gRPC address (host:port).
 	Listen string `mapstructure:"listen"`
+	// Advertise is the address (host:port) peers dial, published to
+	// discovery; empty means the bound listen address. Required when listen
+	// is a wildcard address and discovery is consul.
+	Advertise string `mapstructure:"advertise"`
 	// MetricsListen is the HTTP address of /metrics (Prometheus); "off"
 	// disables it.
 	MetricsListen string `mapstructure:"metrics_listen"`
@@ -151,6 +156,10 @@ type Config struct {
 	// Pools are the worker pools; the first one is the default pool. Empty
 	// means one pool named DefaultPoolName serving DefaultAdapter.
 	Pools []PoolConfig `mapstructure:"pools"`
+	// Discovery publishes the node to its cluster and finds its peers
+	// (keys discovery.*, see docs/discovery.md); static, a cluster of one,
+	// by default.
+	Discovery discovery.Config `mapstructure:"discovery"`
 }
 
 // PoolConfig configures one pool of identical workers.
@@ -228,6 +237,8 @@ type PoolConfig struct {
 	// StreamWindow is how many chunks of a stream may be in flight between
 	// the generator and the client; a slow client makes the generator wait.
 	StreamWindow int `mapstructure:"stream_window"`
+	// GPUs pins the workers to GPUs (see GPUConfig); none by default.
+	GPUs GPUConfig `mapstructure:"gpus"`
 }
 
 // DefaultConfig returns the configuration a node runs with when nothing is
@@ -245,6 +256,8 @@ func DefaultConfig() Config {
 		MaxStreamsPerConnection: DefaultMaxStreamsPerConnection,
 		NewSessionsPerSecond:    DefaultNewSessionsPerSecond,
 		NewSessionsBurst:        DefaultNewSessionsBurst,
+
+		Discovery: discovery.DefaultConfig(),
 	}
 }
 
@@ -326,6 +339,7 @@ func (c Config) withDefaults() Config {
 	if c.StartConcurrency == 0 {
 		c.StartConcurrency = min(d.StartConcurrency, 4*runtime.NumCPU())
 	}
+	c.Discovery = discoveryWithDefaults(c.Discovery)
 	if len(c.Pools) == 0 {
 		c.Pools = []PoolConfig{{Name: DefaultPoolName, Adapter: DefaultAdapter}}
 	}
@@ -411,6 +425,7 @@ func (c Config) Validate() error {
 	} else if port == "" {
 		bad("listen must include a port (got %q)", c.Listen)
 	}
+	validateCluster(c, bad)
 	c.TLS.validate(bad)
 	if len(c.AdminIdentities) > 0 && c.TLS.ClientCAFile == "" {
 		bad("admin_identities need tls.client_ca_file to verify client certificates")
@@ -491,6 +506,7 @@ func (c Config) Validate() error {
 				bad("%s.env has an invalid variable name %q", key, k)
 			}
 		}
+		p.GPUs.validate(key, p, bad)
 	}
 	return errors.Join(errs...)
 }

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/snakepit/snakepit/pkg/hw"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
 
@@ -40,6 +41,8 @@ func PoolHealthService(pool string) string { return "snakepit.pool." + pool }
 
 // Serve runs a node until ctx is done, then shuts it down in order:
 //
+//  0. the node is deregistered from discovery (cfg.Discovery), so peers'
+//     routers drop it at once;
 //  1. gRPC health turns NOT_SERVING, so peers and load balancers stop
 //     sending calls;
 //  2. the server stops accepting calls and lets those in flight and queued
@@ -56,6 +59,14 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 		return err
 	}
 	cfg = n.Config()
+	inv := hw.Detect(n.log)
+	if err := applyGPUs(n, inv); err != nil {
+		return err
+	}
+	members, err := newMembership(n, inv, log)
+	if err != nil {
+		return err
+	}
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s (listen): %w", cfg.Listen, err)
@@ -103,7 +114,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	hs.SetServingStatus(snakepitv1.Snakepit_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
 	register := func(s *grpc.Server) {
-		snakepitv1.RegisterSnakepitServer(s, &service{node: n})
+		snakepitv1.RegisterSnakepitServer(s, &clusterService{service: &service{node: n}, members: members})
 		snakepitv1.RegisterAdminServer(s, &adminService{node: n})
 		healthpb.RegisterHealthServer(s, hs)
 		reflection.Register(s)
@@ -135,6 +146,12 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(lis) }()
 	log.Info().Str("listen", lis.Addr().String()).Str("node_id", cfg.NodeID).Str("version", Version).Msg("serving")
+	// Discovery: registered once the node is ready, deregistered first on
+	// stop; an unreachable backend never stops the node from serving.
+	membersCtx, stopMembers := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopMembers()
+	membersErr := make(chan error, 1)
+	go func() { membersErr <- members.run(membersCtx, publishAddr(cfg, lis.Addr())) }()
 
 	setServing := func(s healthpb.HealthCheckResponse_ServingStatus) {
 		hs.SetServingStatus("", s)
@@ -145,10 +162,12 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	case <-n.Ready():
 		updateHealth := func() {
 			st := healthpb.HealthCheckResponse_NOT_SERVING
-			if n.Healthy() {
+			healthy := n.Healthy()
+			if healthy {
 				st = healthpb.HealthCheckResponse_SERVING
 			}
 			setServing(st)
+			members.setHealthy(healthy)
 			for _, p := range n.Status().Pools {
 				ps := healthpb.HealthCheckResponse_NOT_SERVING
 				if p.Ready > 0 && !p.Tainted && (p.State == PoolReady || p.State == PoolDegraded) {
@@ -179,14 +198,19 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 		case runErr = <-nodeErr:
 			nodeErr <- runErr
 		case runErr = <-serveErr:
+		case runErr = <-membersErr:
+			membersErr <- runErr
 		}
 	case <-ctx.Done():
 	case runErr = <-nodeErr:
 		nodeErr <- runErr
 	case runErr = <-serveErr:
+	case runErr = <-membersErr:
+		membersErr <- runErr
 	}
 
 	// Shutdown, in the order documented above.
+	members.deregister(ctx)
 	if hooks.Stopping != nil {
 		hooks.Stopping()
 	}
@@ -208,6 +232,10 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	}
 	stopNode()
 	nerr := <-nodeErr
+	stopMembers()
+	if merr := <-membersErr; merr != nil && !errors.Is(runErr, merr) {
+		nerr = errors.Join(nerr, merr)
+	}
 	if runErr != nil && !errors.Is(runErr, grpc.ErrServerStopped) {
 		if errors.Is(runErr, nerr) || nerr == nil {
 			return runErr

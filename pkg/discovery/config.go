@@ -61,14 +61,14 @@ const (
 // from its config file (keys under discovery.*); start from DefaultConfig.
 type Config struct {
 	// Kind is the backend: "static" (default) or "consul". Key discovery.kind.
-	Kind string
+	Kind string `mapstructure:"kind"`
 	// Labels are published with the node for placement filters
 	// (discovery.labels); a Node's own Labels override them per key.
-	Labels map[string]string
+	Labels map[string]string `mapstructure:"labels"`
 	// Consul configures the consul backend (discovery.consul.*).
-	Consul ConsulConfig
+	Consul ConsulConfig `mapstructure:"consul"`
 	// Static configures the static backend (discovery.static.*).
-	Static StaticConfig
+	Static StaticConfig `mapstructure:"static"`
 }
 
 // ConsulConfig configures the consul backend.
@@ -76,46 +76,46 @@ type ConsulConfig struct {
 	// Address of the Consul agent's HTTP API: host:port,
 	// http://host:port, https://host:port or unix:///path.
 	// Key discovery.consul.address.
-	Address string
+	Address string `mapstructure:"address"`
 	// Token is the ACL token (discovery.consul.token). TokenFile
 	// (discovery.consul.token_file) names a file holding it instead; it is
 	// read when the client is first used. With neither, Consul's own
 	// CONSUL_HTTP_TOKEN / CONSUL_HTTP_TOKEN_FILE environment applies, as for
 	// the consul CLI.
-	Token     string
-	TokenFile string
+	Token     string `mapstructure:"token"`
+	TokenFile string `mapstructure:"token_file"`
 	// Datacenter to query and register in; "" is the agent's own
 	// (discovery.consul.datacenter).
-	Datacenter string
+	Datacenter string `mapstructure:"datacenter"`
 	// Service is the Consul service name (discovery.consul.service).
-	Service string
+	Service string `mapstructure:"service"`
 	// TTL of the health check (discovery.consul.ttl).
-	TTL time.Duration
+	TTL time.Duration `mapstructure:"ttl"`
 	// DeregisterCriticalAfter (discovery.consul.deregister_critical_after).
-	DeregisterCriticalAfter time.Duration
+	DeregisterCriticalAfter time.Duration `mapstructure:"deregister_critical_after"`
 	// UpdateInterval rate-limits Meta updates (discovery.consul.update_interval).
-	UpdateInterval time.Duration
+	UpdateInterval time.Duration `mapstructure:"update_interval"`
 	// WatchWait is the blocking query wait (discovery.consul.watch_wait).
-	WatchWait time.Duration
+	WatchWait time.Duration `mapstructure:"watch_wait"`
 	// TLS to the agent (discovery.consul.tls.*).
-	TLS TLSConfig
+	TLS TLSConfig `mapstructure:"tls"`
 }
 
 // TLSConfig configures TLS to the Consul agent. It is used when Address is
 // https:// (or when any file is set).
 type TLSConfig struct {
 	// CAFile verifies the agent's certificate (discovery.consul.tls.ca_file).
-	CAFile string
+	CAFile string `mapstructure:"ca_file"`
 	// CertFile and KeyFile are the client certificate for mutual TLS
 	// (discovery.consul.tls.cert_file, discovery.consul.tls.key_file).
-	CertFile string
-	KeyFile  string
+	CertFile string `mapstructure:"cert_file"`
+	KeyFile  string `mapstructure:"key_file"`
 	// ServerName overrides the name checked in the agent's certificate
 	// (discovery.consul.tls.server_name).
-	ServerName string
+	ServerName string `mapstructure:"server_name"`
 	// InsecureSkipVerify disables certificate checks; for tests only
 	// (discovery.consul.tls.insecure_skip_verify).
-	InsecureSkipVerify bool
+	InsecureSkipVerify bool `mapstructure:"insecure_skip_verify"`
 }
 
 // StaticConfig configures the static backend.
@@ -123,18 +123,18 @@ type StaticConfig struct {
 	// Peers are the other nodes of the cluster (discovery.static.peers). The
 	// local node is added by its Registrar; an entry with the local node's
 	// ID is replaced by what the Registrar publishes.
-	Peers []StaticPeer
+	Peers []StaticPeer `mapstructure:"peers"`
 }
 
 // StaticPeer is one configured peer.
 type StaticPeer struct {
 	// ID and Addr (host:port of its gRPC endpoint) are required.
-	ID   NodeID
-	Addr string
+	ID   NodeID `mapstructure:"id"`
+	Addr string `mapstructure:"addr"`
 	// Pools maps pool names to worker slots, used by routers as weights.
-	Pools map[string]int
+	Pools map[string]int `mapstructure:"pools"`
 	// Labels for placement filters.
-	Labels map[string]string
+	Labels map[string]string `mapstructure:"labels"`
 }
 
 // DefaultConfig returns the configuration used when none is given: static
