@@ -170,21 +170,21 @@ func (c *membership) update(ctx context.Context) error {
 		return nil
 	}
 	err := c.reg.Register(ctx, n)
-	ev := c.log.Info()
+	ev, msg := c.log.Info(), "registered"
 	switch {
 	case err == nil:
 	case ctx.Err() != nil:
 		return nil
 	case errors.Is(err, discovery.ErrUnavailable):
 		// Consul down or not there yet: serve locally, join later.
-		ev = c.log.Warn().Err(err)
+		ev, msg = c.log.Warn().Err(err), "discovery unreachable; serving locally, registering when it is up"
 	case errors.Is(err, discovery.ErrPermission):
 		// Retried: ACL policies can be fixed on the Consul side.
-		ev = c.log.Error().Err(err)
+		ev, msg = c.log.Error().Err(err), "discovery refused the registration; serving locally, retrying"
 	default:
 		return fmt.Errorf("register node: %w", err)
 	}
-	ev.Str("node_id", string(n.ID)).Str("addr", n.Addr).Str("discovery", c.kind).Msg("registered")
+	ev.Str("node_id", string(n.ID)).Str("addr", n.Addr).Str("discovery", c.kind).Msg(msg)
 	return nil
 }
 
