@@ -78,6 +78,7 @@ func newRootCmd(ctx context.Context) *cobra.Command {
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	cmd.AddCommand(newExecCmd(g), newToolsCmd(g), newStatusCmd(g), newSessionsCmd(g),
 		newCordonCmd(g, true), newCordonCmd(g, false), newResizeCmd(g), newWorkersCmd(g), newVersionCmd(g), newDrainCmd(g))
+	cmd.AddCommand(newNodesCmd(g))
 	return cmd
 }
 
