@@ -160,6 +160,9 @@ type Config struct {
 	// (keys discovery.*, see docs/discovery.md); static, a cluster of one,
 	// by default.
 	Discovery discovery.Config `mapstructure:"discovery"`
+	// Router configures the cluster router: forwarding, deduplication,
+	// retries, circuit breaking (see docs/forwarding.md).
+	Router RouterConfig `mapstructure:"router"`
 }
 
 // PoolConfig configures one pool of identical workers.
@@ -258,6 +261,7 @@ func DefaultConfig() Config {
 		NewSessionsBurst:        DefaultNewSessionsBurst,
 
 		Discovery: discovery.DefaultConfig(),
+		Router:    DefaultRouterConfig(),
 	}
 }
 
@@ -340,6 +344,7 @@ func (c Config) withDefaults() Config {
 		c.StartConcurrency = min(d.StartConcurrency, 4*runtime.NumCPU())
 	}
 	c.Discovery = discoveryWithDefaults(c.Discovery)
+	c.Router = c.Router.withDefaults()
 	if len(c.Pools) == 0 {
 		c.Pools = []PoolConfig{{Name: DefaultPoolName, Adapter: DefaultAdapter}}
 	}
@@ -427,6 +432,7 @@ func (c Config) Validate() error {
 	}
 	validateCluster(c, bad)
 	c.TLS.validate(bad)
+	c.Router.validate(bad)
 	if len(c.AdminIdentities) > 0 && c.TLS.ClientCAFile == "" {
 		bad("admin_identities need tls.client_ca_file to verify client certificates")
 	}

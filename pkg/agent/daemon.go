@@ -106,8 +106,8 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 			grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 			grpc.MaxConcurrentStreams(uint32(cfg.MaxStreamsPerConnection)),
 			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
-			grpc.ChainUnaryInterceptor(append([]grpc.UnaryServerInterceptor{recoverUnary(n.log)}, interceptors...)...),
-			grpc.ChainStreamInterceptor(recoverStream(n.log)),
+			grpc.ChainUnaryInterceptor(append([]grpc.UnaryServerInterceptor{recoverUnary(n.log), n.loadUnary()}, interceptors...)...),
+			grpc.ChainStreamInterceptor(recoverStream(n.log), n.loadStream()),
 		)...)
 	}
 	hs := health.NewServer()
@@ -152,6 +152,9 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	defer stopMembers()
 	membersErr := make(chan error, 1)
 	go func() { membersErr <- members.run(membersCtx, publishAddr(cfg, lis.Addr())) }()
+	// The cluster router follows the directory until the node stops.
+	routerDone := make(chan struct{})
+	go func() { defer close(routerDone); n.cluster.run(nodeCtx, members.Directory()) }()
 
 	setServing := func(s healthpb.HealthCheckResponse_ServingStatus) {
 		hs.SetServingStatus("", s)
@@ -232,6 +235,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 	}
 	stopNode()
 	nerr := <-nodeErr
+	<-routerDone
 	stopMembers()
 	if merr := <-membersErr; merr != nil && !errors.Is(runErr, merr) {
 		nerr = errors.Join(nerr, merr)

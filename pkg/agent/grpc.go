@@ -95,6 +95,7 @@ func requestFromProto(in *snakepitv1.ExecuteRequest) (*Request, error) {
 		SessionID:  in.GetSessionId(),
 		RequestID:  in.GetRequestId(),
 		Idempotent: in.GetIdempotent(),
+		Need:       constraintsFromProto(in.GetConstraints()),
 	}
 	switch in.GetAffinity() {
 	case snakepitv1.Affinity_AFFINITY_UNSPECIFIED, snakepitv1.Affinity_AFFINITY_HINT:

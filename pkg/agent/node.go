@@ -23,6 +23,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/snakepit/snakepit/pkg/pyruntime"
+	"github.com/snakepit/snakepit/pkg/router"
 	"github.com/snakepit/snakepit/pkg/worker"
 )
 
@@ -44,6 +45,8 @@ type Request struct {
 	Affinity Affinity
 	// Client identifies the caller (its address) for per-client limits.
 	Client string
+	// Need are the call's placement constraints (the cluster router's).
+	Need router.Constraints
 }
 
 // Result is the outcome of a successful call.
@@ -92,6 +95,10 @@ type Node struct {
 	// addr is the gRPC address the node serves on, once bound.
 	addr     atomic.Value
 	healthCh chan struct{}
+	// cluster routes calls to other nodes (forward.go); dedup remembers
+	// caller-supplied request ids (dedup.go).
+	cluster *forwarder
+	dedup   *dedup
 }
 
 // New checks cfg and builds a node. It does no I/O and starts nothing.
@@ -122,6 +129,8 @@ func New(cfg Config, log zerolog.Logger) (*Node, error) {
 	n.metrics = newMetrics(n)
 	n.intent = newIntentStore(cfg.StateDir)
 	n.sessRate = newClientLimiter(cfg.NewSessionsPerSecond, cfg.NewSessionsBurst)
+	n.dedup = newDedup(cfg.Router.DedupWindow, cfg.Router.DedupMaxEntries)
+	n.cluster = newForwarder(n, nil)
 	return n, nil
 }
 
@@ -291,6 +300,9 @@ func (n *Node) execute(ctx context.Context, req *Request, emit func([]byte) erro
 	if req.Tool == "" {
 		return nil, &InvalidArgumentError{Field: "tool", Reason: "must name a tool (see ListTools)"}
 	}
+	if res, err, routed := n.cluster.route(ctx, req, emit); routed {
+		return res, err
+	}
 	p, err := n.pool(req.Pool)
 	if err != nil {
 		return nil, err
@@ -304,6 +316,7 @@ func (n *Node) execute(ctx context.Context, req *Request, emit func([]byte) erro
 	if in := n.intent.get(); in.Draining && !n.acceptWhileDraining(p, req) {
 		return nil, ErrDraining
 	}
+	callerID := req.RequestID != ""
 	if req.RequestID == "" {
 		req.RequestID = n.reqBase + strconv.FormatUint(n.reqSeq.Add(1), 10)
 	}
@@ -318,7 +331,12 @@ func (n *Node) execute(ctx context.Context, req *Request, emit func([]byte) erro
 	if len(req.SessionID) > maxIDLen || len(req.RequestID) > maxIDLen {
 		return nil, &InvalidArgumentError{Field: "session_id/request_id", Reason: fmt.Sprintf("must be at most %d bytes", maxIDLen)}
 	}
-	res, err := p.execute(ctx, req, arrived, emit)
+	var res *Result
+	if callerID && emit == nil {
+		res, err = n.dedup.do(ctx, req.RequestID, func() (*Result, error) { return p.execute(ctx, req, arrived, nil) })
+	} else {
+		res, err = p.execute(ctx, req, arrived, emit)
+	}
 	if res != nil {
 		res.RequestID = req.RequestID
 	}

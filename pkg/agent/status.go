@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/protoadapt"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/snakepit/snakepit/pkg/router"
 	"github.com/snakepit/snakepit/pkg/worker"
 )
 
@@ -40,6 +41,12 @@ const (
 	ReasonStreamRequired  = "STREAM_REQUIRED"
 	ReasonSessionRate     = "SESSION_RATE"
 	ReasonDraining        = "DRAINING"
+	// Cluster routing (docs/forwarding.md).
+	ReasonMayHaveExecuted  = "MAY_HAVE_EXECUTED"
+	ReasonUnsatisfiable    = "UNSATISFIABLE"
+	ReasonOwnerUnavailable = "OWNER_UNAVAILABLE"
+	ReasonNoPeers          = "NO_PEERS"
+	ReasonPeerUnavailable  = "PEER_UNAVAILABLE"
 )
 
 // toStatus is the one table that maps the node's errors to gRPC statuses,
@@ -62,8 +69,28 @@ func toStatus(err error) error {
 		sbe *SessionBusyError
 		sme *SessionLimitError
 		sre *SessionRateError
+		rme *remoteError
+		mhe *MayHaveExecutedError
+		oue *OwnerUnavailableError
+		pne *PeerUnavailableError
+		use *router.UnsatisfiableError
 	)
 	switch {
+	case errors.As(err, &rme):
+		return rme.st.Err() // the executing node's own answer, unchanged
+	case errors.As(err, &mhe):
+		return withDetails(codes.Aborted, err, info(ReasonMayHaveExecuted, "node", mhe.Node, "request_id", mhe.RequestID))
+	case errors.As(err, &oue):
+		return withDetails(codes.Unavailable, err, info(ReasonOwnerUnavailable, "pool", oue.Pool, "session_id", oue.SessionID,
+			"owner", oue.Owner, "affinity", oue.Mode.String()))
+	case errors.As(err, &pne):
+		return withDetails(codes.Unavailable, err, info(ReasonPeerUnavailable, "node", pne.Node))
+	case errors.As(err, &use):
+		return withDetails(codes.FailedPrecondition, err, info(ReasonUnsatisfiable, "pool", use.Pool, "constraint", use.Constraint))
+	case errors.Is(err, router.ErrUnknownPool):
+		return withDetails(codes.NotFound, err, info(ReasonUnknownPool))
+	case errors.Is(err, router.ErrNoPeers):
+		return withDetails(codes.Unavailable, err, info(ReasonNoPeers))
 	case errors.As(err, &sre):
 		return withDetails(codes.ResourceExhausted, err, info(ReasonSessionRate, "client", sre.Client),
 			&errdetails.RetryInfo{RetryDelay: durationpb.New(sre.RetryAfter)})

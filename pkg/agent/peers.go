@@ -1,0 +1,284 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/stats"
+
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
+)
+
+// Metadata keys of the peer protocol.
+const (
+	// ForwardedHeader marks a call an entry node forwarded; its value is
+	// the entry node's id. A node runs such a call itself, whatever its
+	// router would choose: a call takes one hop at most.
+	ForwardedHeader = "x-snakepit-forwarded"
+	// LoadHeader is the trailer in which a node reports its load with every
+	// answer: "pool=load,pool=load", load being calls in flight plus queued
+	// per worker slot.
+	LoadHeader = "x-snakepit-load"
+)
+
+// peerConn is this node's connection to one peer and what it learnt of it:
+// its load (from answers), whether calls to it fail (the breaker) and since
+// when it is down. It lives from the snapshot that adds the peer until the
+// peer has been gone for the break-glass lease.
+type peerConn struct {
+	id     string
+	addr   string
+	conn   *grpc.ClientConn
+	client snakepitv1.SnakepitClient
+	health healthpb.HealthClient
+	br     *gobreaker.TwoStepCircuitBreaker[struct{}]
+
+	loads     atomic.Pointer[map[string]float64]
+	lastHeard atomic.Int64 // unix nanos of the last answer
+	notServ   atomic.Bool  // its health check said NOT_SERVING
+
+	mu        sync.Mutex
+	listed    bool      // in the current snapshot, healthy
+	goneAt    time.Time // when it left the snapshot (zero while listed)
+	downSince time.Time // zero while up
+}
+
+// errPeerFailed is what a peer's breaker counts as a failure: the call did
+// not reach the peer, its connection failed, or it timed out.
+var errPeerFailed = errors.New("peer failed")
+
+// dialPeer creates the connection to a peer (it connects in the
+// background; no I/O here).
+func dialPeer(id, addr string, cfg RouterConfig, creds grpc.DialOption, onOpen func(id string)) (*peerConn, error) {
+	p := &peerConn{id: id, addr: addr}
+	conn, err := grpc.NewClient("passthrough:///"+addr, creds,
+		grpc.WithStatsHandler(sentTracker{}),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(DefaultMaxMessageBytes*2), grpc.MaxCallSendMsgSize(DefaultMaxMessageBytes*2)),
+		// A peer that stops answering (SIGSTOP, a dead link) is noticed
+		// within Time+Timeout even when no call is running; the servers'
+		// enforcement policy allows pings every 5s.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 5 * time.Second, Timeout: 2 * time.Second, PermitWithoutStream: true}),
+	)
+	if err != nil {
+		return nil, err
+	}
+	p.conn = conn
+	p.client = snakepitv1.NewSnakepitClient(conn)
+	p.health = healthpb.NewHealthClient(conn)
+	p.br = gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
+		Name:        id,
+		MaxRequests: 1,
+		Timeout:     cfg.BreakerBackoff,
+		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= uint32(cfg.BreakerFailures) },
+		OnStateChange: func(_ string, _, to gobreaker.State) {
+			if to == gobreaker.StateOpen && onOpen != nil {
+				onOpen(id)
+			}
+		},
+	})
+	conn.Connect()
+	return p, nil
+}
+
+// usable reports whether calls may be sent to the peer now: its breaker is
+// not open and its connection is not failing. A half-open breaker is usable
+// (the call is its probe, if no other probe is out).
+func (p *peerConn) usable() bool {
+	if p.br.State() == gobreaker.StateOpen || p.notServ.Load() {
+		return false
+	}
+	return p.conn.GetState() != connectivity.TransientFailure
+}
+
+// down reports whether the peer is down (not listed healthy, ejected, or
+// its connection failing) and since when, as this node saw it first.
+func (p *peerConn) down(now time.Time) (bool, time.Time) {
+	isDown := !p.usable()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	isDown = isDown || !p.listed
+	switch {
+	case !isDown:
+		p.downSince = time.Time{}
+	case p.downSince.IsZero():
+		p.downSince = now
+	}
+	return isDown, p.downSince
+}
+
+func (p *peerConn) markDown(now time.Time) {
+	p.mu.Lock()
+	if p.downSince.IsZero() {
+		p.downSince = now
+	}
+	p.mu.Unlock()
+}
+
+// load returns the peer's last reported load of a pool (NaN: none yet).
+func (p *peerConn) load(pool string) float64 {
+	m := p.loads.Load()
+	if m == nil {
+		return nan
+	}
+	if v, ok := (*m)[pool]; ok {
+		return v
+	}
+	return nan
+}
+
+// heard records an answer's load trailer.
+func (p *peerConn) heard(md metadata.MD) {
+	p.lastHeard.Store(time.Now().UnixNano())
+	if v := md.Get(LoadHeader); len(v) > 0 {
+		if m := parseLoads(v[0]); m != nil {
+			p.loads.Store(&m)
+		}
+	}
+}
+
+// refresh asks an idle peer for its health (and, in the answer's trailer,
+// its load). A half-open breaker lets it through as the probe; an open one
+// skips it until its back-off is over.
+func (p *peerConn) refresh(ctx context.Context, timeout time.Duration) {
+	done, err := p.br.Allow()
+	if err != nil {
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var tr metadata.MD
+	r, err := p.health.Check(cctx, &healthpb.HealthCheckRequest{}, grpc.Trailer(&tr))
+	if err != nil && ctx.Err() != nil {
+		done(nil) // we are stopping; says nothing of the peer
+		return
+	}
+	if err != nil {
+		done(errPeerFailed)
+		return
+	}
+	p.notServ.Store(r.GetStatus() != healthpb.HealthCheckResponse_SERVING)
+	p.heard(tr)
+	done(nil)
+}
+
+func (p *peerConn) close() { _ = p.conn.Close() }
+
+// formatLoads encodes per-pool loads for LoadHeader.
+func formatLoads(names []string, loads []float64) string {
+	var b strings.Builder
+	for i, n := range names {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(n)
+		b.WriteByte('=')
+		b.WriteString(strconv.FormatFloat(loads[i], 'g', 4, 64))
+	}
+	return b.String()
+}
+
+// parseLoads decodes LoadHeader; malformed entries are skipped, and nil
+// means nothing usable.
+func parseLoads(s string) map[string]float64 {
+	var m map[string]float64
+	for part := range strings.SplitSeq(s, ",") {
+		name, v, ok := strings.Cut(part, "=")
+		if !ok || name == "" {
+			continue
+		}
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil || f < 0 || f != f {
+			continue
+		}
+		if m == nil {
+			m = make(map[string]float64, 4)
+		}
+		m[name] = f
+	}
+	return m
+}
+
+// localLoads returns the node's pool names and their loads.
+func (n *Node) localLoads() ([]string, []float64) {
+	loads := make([]float64, len(n.order))
+	for i, name := range n.order {
+		loads[i] = n.pools[name].load()
+	}
+	return n.order, loads
+}
+
+// load is calls in flight plus queued per worker slot.
+func (p *Pool) load() float64 {
+	busy, queued := p.inFlight()
+	p.mu.Lock()
+	slots := len(p.ready) * p.cfg.Capacity
+	p.mu.Unlock()
+	if slots == 0 {
+		return float64(busy+queued) + 1 // nothing ready: as loaded as can be
+	}
+	return float64(busy+queued) / float64(slots)
+}
+
+// loadTrailer sets LoadHeader on every answer of the Snakepit and health
+// services, so peers' routers learn this node's load without asking.
+func (n *Node) loadUnary() grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		resp, err := handler(ctx, req)
+		if _, ok := metadata.FromIncomingContext(ctx); ok {
+			names, loads := n.localLoads()
+			_ = grpc.SetTrailer(ctx, metadata.Pairs(LoadHeader, formatLoads(names, loads)))
+		}
+		return resp, err
+	}
+}
+
+func (n *Node) loadStream() grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		err := handler(srv, ss)
+		names, loads := n.localLoads()
+		ss.SetTrailer(metadata.Pairs(LoadHeader, formatLoads(names, loads)))
+		return err
+	}
+}
+
+// sentTracker is the client stats handler that tells whether a call's
+// request message was handed to a transport. A call whose request never
+// was provably did not start on the peer: its handler cannot run without
+// the message. One that was may have started, whatever error follows
+// (docs/forwarding.md).
+type sentTracker struct{}
+
+type sentKey struct{}
+
+type sentFlag struct{ sent atomic.Bool }
+
+// withSentFlag returns a context whose calls record into f.
+func withSentFlag(ctx context.Context, f *sentFlag) context.Context {
+	return context.WithValue(ctx, sentKey{}, f)
+}
+
+func (sentTracker) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
+
+func (sentTracker) HandleRPC(ctx context.Context, s stats.RPCStats) {
+	if _, ok := s.(*stats.OutPayload); !ok {
+		return
+	}
+	if f, ok := ctx.Value(sentKey{}).(*sentFlag); ok {
+		f.sent.Store(true)
+	}
+}
+
+func (sentTracker) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
+func (sentTracker) HandleConn(context.Context, stats.ConnStats)                       {}
