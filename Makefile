@@ -40,8 +40,8 @@ test-short: ## Run the tests that need neither Consul nor long chaos loops
 	$(GO) test -race -short -count=1 ./...
 
 .PHONY: bench
-bench: build ## Measure speed and memory against floors measured in the same run
-	$(GO) run ./cmd/spbench -daemon $(BIN)/snakepitd
+bench: build consul ## Measure speed and memory against floors measured in the same run
+	SNAKEPIT_CONSUL=$(CONSUL) $(GO) run ./cmd/spbench -daemon $(BIN)/snakepitd
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/router/
 
 .PHONY: proto

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -63,14 +64,33 @@ func newMembership(n *Node, inv hw.Inventory, log zerolog.Logger) (*membership, 
 	if err != nil {
 		return nil, fmt.Errorf("discovery: %w", err)
 	}
-	return &membership{
+	m := &membership{
 		node: n,
 		log:  log.With().Str("component", "cluster").Logger(),
 		kind: cfg.Kind,
 		reg:  reg,
 		dir:  dir,
 		gpus: gpuSummary(inv),
-	}, nil
+	}
+	if n.metrics != nil {
+		n.metrics.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "snakepit", Name: "discovery_requests_total",
+			Help: "Requests this node sent its discovery backend (Consul): registration, check refreshes, blocking queries. Flat under load: nothing is sent per call.",
+		}, func() float64 { return float64(m.requests()) }))
+	}
+	return m, nil
+}
+
+// requests is how many requests the registrar and the directory have sent
+// their backend (0 for static discovery).
+func (c *membership) requests() uint64 {
+	var n uint64
+	for _, x := range []any{c.reg, c.dir} {
+		if rc, ok := x.(discovery.RequestCounter); ok {
+			n += rc.Requests()
+		}
+	}
+	return n
 }
 
 // Directory returns the node's view of its cluster, for routing.

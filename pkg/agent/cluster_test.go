@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -202,6 +204,9 @@ func TestConsulRegistrationLifecycle(t *testing.T) {
 	if st := consulService(t, a, discovery.DefaultConsulService); st["node-a"] != "passing" {
 		t.Fatalf("consul holds %v, want node-a passing", st)
 	}
+	if got := scrapeCounter(t, tn.metricsAddr, "snakepit_discovery_requests_total"); got < 2 {
+		t.Errorf("snakepit_discovery_requests_total = %v, want at least the registration and a watch", got)
+	}
 	t0 := time.Now()
 	if err := tn.stop(); err != nil {
 		t.Fatal(err)
@@ -269,4 +274,29 @@ func ExampleConfig_discovery() {
 	// Output:
 	// true
 	// <nil>
+}
+
+// scrapeCounter reads one unlabelled metric from a node's /metrics.
+func scrapeCounter(t *testing.T, addr, name string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("/metrics has no %s", name)
+	return 0
 }
