@@ -131,6 +131,8 @@ func New(cfg Config, log zerolog.Logger) (*Node, error) {
 	n.sessRate = newClientLimiter(cfg.NewSessionsPerSecond, cfg.NewSessionsBurst)
 	n.dedup = newDedup(cfg.Router.DedupWindow, cfg.Router.DedupMaxEntries)
 	n.cluster = newForwarder(n, nil)
+	n.NextOwner = n.cluster.nextOwner
+	n.PeerAddrs = n.cluster.peerAddrs
 	return n, nil
 }
 
