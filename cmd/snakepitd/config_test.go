@@ -117,3 +117,40 @@ func TestMissingConfigFile(t *testing.T) {
 		t.Fatalf("loadConfig(missing) = %v, want an error naming the file", err)
 	}
 }
+
+// Keys of env maps are case-sensitive: the configuration library
+// lowercases keys, and loadConfig must undo that for them.
+func TestEnvKeysKeepTheirCase(t *testing.T) {
+	for _, tc := range []struct{ ext, body string }{
+		{".yaml", "pools:\n  - name: p\n    adapter: m\n    env: {OMP_NUM_THREADS: \"7\", MixedCase: x}\n"},
+		{".json", `{"pools": [{"name": "p", "adapter": "m", "env": {"OMP_NUM_THREADS": "7", "MixedCase": "x"}}]}`},
+		{".toml", "[[pools]]\nname = \"p\"\nadapter = \"m\"\n[pools.env]\nOMP_NUM_THREADS = \"7\"\nMixedCase = \"x\"\n"},
+	} {
+		file := filepath.Join(t.TempDir(), "c"+tc.ext)
+		if err := os.WriteFile(file, []byte(tc.body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := loadConfig(flags(t), file)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.ext, err)
+		}
+		if got := cfg.Pools[0].Env; got["OMP_NUM_THREADS"] != "7" || got["MixedCase"] != "x" {
+			t.Errorf("%s: env = %v, want the keys as written", tc.ext, got)
+		}
+	}
+}
+
+// Every scalar key can come from the environment, nested ones too.
+func TestEnvironmentOverridesNestedKeys(t *testing.T) {
+	t.Setenv("SNAKEPIT_DISCOVERY_KIND", "nosuchkind")
+	_, err := loadConfig(flags(t), "")
+	if err == nil || !strings.Contains(err.Error(), "discovery.kind") {
+		t.Fatalf("SNAKEPIT_DISCOVERY_KIND=nosuchkind: %v, want an error naming discovery.kind", err)
+	}
+	t.Setenv("SNAKEPIT_DISCOVERY_KIND", "static")
+	t.Setenv("SNAKEPIT_MAX_SESSIONS", "17")
+	cfg, err := loadConfig(flags(t), "")
+	if err != nil || cfg.MaxSessions != 17 {
+		t.Fatalf("SNAKEPIT_MAX_SESSIONS=17: %d, %v", cfg.MaxSessions, err)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"reflect"
 	"strings"
 	"syscall"
 	"time"
@@ -113,21 +114,7 @@ func loadConfig(flags *pflag.FlagSet, file string) (agent.Config, error) {
 	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
 	v.AutomaticEnv()
 	d := agent.DefaultConfig()
-	v.SetDefault("listen", d.Listen)
-	v.SetDefault("metrics_listen", d.MetricsListen)
-	v.SetDefault("admin_socket", d.AdminSocket)
-	v.SetDefault("admin_socket_group", d.AdminSocketGroup)
-	v.SetDefault("admin_token_file", d.AdminTokenFile)
-	v.SetDefault("monitor_interval", d.MonitorInterval)
-	v.SetDefault("max_sessions", d.MaxSessions)
-	v.SetDefault("max_streams_per_connection", d.MaxStreamsPerConnection)
-	v.SetDefault("new_sessions_per_second", d.NewSessionsPerSecond)
-	v.SetDefault("new_sessions_burst", d.NewSessionsBurst)
-	v.SetDefault("node_id", d.NodeID)
-	v.SetDefault("state_dir", d.StateDir)
-	v.SetDefault("max_message_bytes", d.MaxMessageBytes)
-	v.SetDefault("shutdown_grace", d.ShutdownGrace)
-	v.SetDefault("start_concurrency", d.StartConcurrency)
+	setDefaults(v, "", reflect.ValueOf(d))
 	for flag, key := range flagKeys {
 		if err := v.BindPFlag(key, flags.Lookup(flag)); err != nil {
 			return agent.Config{}, err
@@ -149,6 +136,11 @@ func loadConfig(flags *pflag.FlagSet, file string) (agent.Config, error) {
 			where = "config file " + file
 		}
 		return agent.Config{}, fmt.Errorf("%s: %w (see configs/snakepitd.yaml for the keys)", where, err)
+	}
+	if file != "" {
+		if err := restoreKeyCase(file, &cfg); err != nil {
+			return agent.Config{}, err
+		}
 	}
 	if err := cfg.Validate(); err != nil {
 		return agent.Config{}, fmt.Errorf("invalid configuration:\n%w", err)
