@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/snakepit/snakepit/pkg/client"
@@ -46,7 +47,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.python, "python", "python3", "Python interpreter")
 	fs.DurationVar(&o.duration, "duration", 3*time.Second, "length of each throughput run")
 	fs.StringVar(&o.env, "daemon-env", "", "extra KEY=VALUE for the daemon's environment (comma-separated), e.g. GOMAXPROCS=1")
-	fs.StringVar(&o.only, "only", "", "comma-separated sections to run (call,startup,stream,cluster); empty runs all")
+	fs.StringVar(&o.only, "only", "", "comma-separated sections to run (call,startup,stream,cluster,tls); empty runs all")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -59,6 +60,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		{"startup", benchStartup},
 		{"stream", benchStream},
 		{"cluster", benchCluster},
+		{"tls", benchTLS},
 	}
 	for _, s := range sections {
 		if o.only != "" && !slices.Contains(strings.Split(o.only, ","), s.name) {
@@ -185,7 +187,7 @@ type daemon struct {
 	dir  string
 }
 
-func startDaemon(ctx context.Context, o options, config string) (*daemon, error) {
+func startDaemon(ctx context.Context, o options, config string, dialOpts ...grpc.DialOption) (*daemon, error) {
 	dir, err := os.MkdirTemp("", "spbench-node-")
 	if err != nil {
 		return nil, err
@@ -218,7 +220,7 @@ func startDaemon(ctx context.Context, o options, config string) (*daemon, error)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	c, err := client.Dial(d.addr)
+	c, err := client.Dial(d.addr, dialOpts...)
 	if err != nil {
 		d.stop()
 		return nil, err
