@@ -61,6 +61,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		{"stream", benchStream},
 		{"cluster", benchCluster},
 		{"tls", benchTLS},
+		{"router", benchRouter},
 	}
 	for _, s := range sections {
 		if o.only != "" && !slices.Contains(strings.Split(o.only, ","), s.name) {
