@@ -213,3 +213,18 @@ func TestClusterStatus(t *testing.T) {
 		t.Errorf("peer row = %v, want node-b's status", r)
 	}
 }
+
+func TestAdminStatusAndSessions(t *testing.T) {
+	cfg := testConfig(t)
+	tn := startNode(t, cfg)
+	tally(t, tn, "s1", 0)
+	admin := adminOverSocket(t, cfg)
+	st, err := admin.Status(context.Background(), &snakepitv1.AdminStatusRequest{})
+	if err != nil || len(st.GetNodes()) != 1 || st.GetTotals().GetSessions() != 1 {
+		t.Fatalf("Admin.Status = %v, %v; want this node with its session", st, err)
+	}
+	ls, err := admin.ListSessions(context.Background(), &snakepitv1.ListSessionsRequest{})
+	if err != nil || len(ls.GetSessions()) != 1 || ls.GetSessions()[0].GetSessionId() != "s1" {
+		t.Fatalf("Admin.ListSessions = %v, %v", ls, err)
+	}
+}

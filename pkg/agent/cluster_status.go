@@ -21,12 +21,16 @@ const clusterStatusTimeout = 5 * time.Second
 // parallel, each within 5 s, and adds them up. A node that does not answer
 // gets a row with the error.
 func (a *adminService) ClusterStatus(ctx context.Context, _ *snakepitv1.ClusterStatusRequest) (*snakepitv1.ClusterStatusResponse, error) {
+	return a.clusterStatus(ctx, true)
+}
+
+func (a *adminService) clusterStatus(ctx context.Context, withPeers bool) (*snakepitv1.ClusterStatusResponse, error) {
 	self, err := (&service{node: a.node}).Status(ctx, &snakepitv1.StatusRequest{})
 	if err != nil {
 		return nil, err
 	}
 	var peers map[string]string
-	if a.node.PeerAddrs != nil {
+	if withPeers && a.node.PeerAddrs != nil {
 		peers = a.node.PeerAddrs()
 	}
 	rows := []*snakepitv1.NodeStatus{{NodeId: a.node.ID(), Address: a.node.advertised(), Status: self}}
@@ -97,4 +101,18 @@ func peerStatus(ctx context.Context, addr string, creds credentials.TransportCre
 	}
 	defer cc.Close()
 	return snakepitv1.NewSnakepitClient(cc).Status(ctx, &snakepitv1.StatusRequest{})
+}
+
+// Status reports this node as a one-row cluster status, or every node with
+// req.Cluster.
+func (a *adminService) Status(ctx context.Context, req *snakepitv1.AdminStatusRequest) (*snakepitv1.ClusterStatusResponse, error) {
+	if req.GetCluster() {
+		return a.ClusterStatus(ctx, &snakepitv1.ClusterStatusRequest{})
+	}
+	return a.clusterStatus(ctx, false)
+}
+
+// ListSessions is the public ListSessions, offered on the Admin service too.
+func (a *adminService) ListSessions(ctx context.Context, req *snakepitv1.ListSessionsRequest) (*snakepitv1.ListSessionsResponse, error) {
+	return (&service{node: a.node}).ListSessions(ctx, req)
 }

@@ -1034,6 +1034,51 @@ func (x *ClusterTotals) GetSessions() uint32 {
 	return 0
 }
 
+type AdminStatusRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// cluster asks every node of the cluster, not just this one.
+	Cluster       bool `protobuf:"varint,1,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdminStatusRequest) Reset() {
+	*x = AdminStatusRequest{}
+	mi := &file_snakepit_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdminStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdminStatusRequest) ProtoMessage() {}
+
+func (x *AdminStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snakepit_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdminStatusRequest.ProtoReflect.Descriptor instead.
+func (*AdminStatusRequest) Descriptor() ([]byte, []int) {
+	return file_snakepit_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *AdminStatusRequest) GetCluster() bool {
+	if x != nil {
+		return x.Cluster
+	}
+	return false
+}
+
 var File_snakepit_v1_admin_proto protoreflect.FileDescriptor
 
 const file_snakepit_v1_admin_proto_rawDesc = "" +
@@ -1106,13 +1151,17 @@ const file_snakepit_v1_admin_proto_rawDesc = "" +
 	"\x06queued\x18\x06 \x01(\rR\x06queued\x12\x16\n" +
 	"\x06served\x18\a \x01(\x04R\x06served\x12\x16\n" +
 	"\x06errors\x18\b \x01(\x04R\x06errors\x12\x1a\n" +
-	"\bsessions\x18\t \x01(\rR\bsessions2\x85\x04\n" +
+	"\bsessions\x18\t \x01(\rR\bsessions\".\n" +
+	"\x12AdminStatusRequest\x12\x18\n" +
+	"\acluster\x18\x01 \x01(\bR\acluster2\xa9\x05\n" +
 	"\x05Admin\x12A\n" +
 	"\x06Cordon\x12\x1a.snakepit.v1.CordonRequest\x1a\x1b.snakepit.v1.CordonResponse\x12G\n" +
 	"\bUncordon\x12\x1c.snakepit.v1.UncordonRequest\x1a\x1d.snakepit.v1.UncordonResponse\x12@\n" +
 	"\x05Drain\x12\x19.snakepit.v1.DrainRequest\x1a\x1a.snakepit.v1.DrainProgress0\x01\x12A\n" +
 	"\x06Resize\x12\x1a.snakepit.v1.ResizeRequest\x1a\x1b.snakepit.v1.ResizeResponse\x12P\n" +
-	"\vListWorkers\x12\x1f.snakepit.v1.ListWorkersRequest\x1a .snakepit.v1.ListWorkersResponse\x12V\n" +
+	"\vListWorkers\x12\x1f.snakepit.v1.ListWorkersRequest\x1a .snakepit.v1.ListWorkersResponse\x12M\n" +
+	"\x06Status\x12\x1f.snakepit.v1.AdminStatusRequest\x1a\".snakepit.v1.ClusterStatusResponse\x12S\n" +
+	"\fListSessions\x12 .snakepit.v1.ListSessionsRequest\x1a!.snakepit.v1.ListSessionsResponse\x12V\n" +
 	"\rClusterStatus\x12!.snakepit.v1.ClusterStatusRequest\x1a\".snakepit.v1.ClusterStatusResponse\x12A\n" +
 	"\x06Intent\x12\x1a.snakepit.v1.IntentRequest\x1a\x1b.snakepit.v1.IntentResponseB;Z9github.com/snakepit/snakepit/proto/snakepit/v1;snakepitv1b\x06proto3"
 
@@ -1128,7 +1177,7 @@ func file_snakepit_v1_admin_proto_rawDescGZIP() []byte {
 	return file_snakepit_v1_admin_proto_rawDescData
 }
 
-var file_snakepit_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_snakepit_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_snakepit_v1_admin_proto_goTypes = []any{
 	(*CordonRequest)(nil),         // 0: snakepit.v1.CordonRequest
 	(*CordonResponse)(nil),        // 1: snakepit.v1.CordonResponse
@@ -1148,42 +1197,49 @@ var file_snakepit_v1_admin_proto_goTypes = []any{
 	(*ClusterStatusResponse)(nil), // 15: snakepit.v1.ClusterStatusResponse
 	(*NodeStatus)(nil),            // 16: snakepit.v1.NodeStatus
 	(*ClusterTotals)(nil),         // 17: snakepit.v1.ClusterTotals
-	nil,                           // 18: snakepit.v1.IntentResponse.PoolSizesEntry
-	(*durationpb.Duration)(nil),   // 19: google.protobuf.Duration
-	(*WorkerStatus)(nil),          // 20: snakepit.v1.WorkerStatus
-	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
-	(*StatusResponse)(nil),        // 22: snakepit.v1.StatusResponse
+	(*AdminStatusRequest)(nil),    // 18: snakepit.v1.AdminStatusRequest
+	nil,                           // 19: snakepit.v1.IntentResponse.PoolSizesEntry
+	(*durationpb.Duration)(nil),   // 20: google.protobuf.Duration
+	(*WorkerStatus)(nil),          // 21: snakepit.v1.WorkerStatus
+	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
+	(*StatusResponse)(nil),        // 23: snakepit.v1.StatusResponse
+	(*ListSessionsRequest)(nil),   // 24: snakepit.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),  // 25: snakepit.v1.ListSessionsResponse
 }
 var file_snakepit_v1_admin_proto_depIdxs = []int32{
 	10, // 0: snakepit.v1.CordonResponse.intent:type_name -> snakepit.v1.IntentResponse
 	10, // 1: snakepit.v1.UncordonResponse.intent:type_name -> snakepit.v1.IntentResponse
-	19, // 2: snakepit.v1.ResizeRequest.deadline:type_name -> google.protobuf.Duration
+	20, // 2: snakepit.v1.ResizeRequest.deadline:type_name -> google.protobuf.Duration
 	8,  // 3: snakepit.v1.ListWorkersResponse.workers:type_name -> snakepit.v1.PoolWorker
-	20, // 4: snakepit.v1.PoolWorker.worker:type_name -> snakepit.v1.WorkerStatus
-	18, // 5: snakepit.v1.IntentResponse.pool_sizes:type_name -> snakepit.v1.IntentResponse.PoolSizesEntry
-	21, // 6: snakepit.v1.IntentResponse.updated:type_name -> google.protobuf.Timestamp
-	19, // 7: snakepit.v1.DrainRequest.deadline:type_name -> google.protobuf.Duration
-	19, // 8: snakepit.v1.DrainProgress.remaining:type_name -> google.protobuf.Duration
+	21, // 4: snakepit.v1.PoolWorker.worker:type_name -> snakepit.v1.WorkerStatus
+	19, // 5: snakepit.v1.IntentResponse.pool_sizes:type_name -> snakepit.v1.IntentResponse.PoolSizesEntry
+	22, // 6: snakepit.v1.IntentResponse.updated:type_name -> google.protobuf.Timestamp
+	20, // 7: snakepit.v1.DrainRequest.deadline:type_name -> google.protobuf.Duration
+	20, // 8: snakepit.v1.DrainProgress.remaining:type_name -> google.protobuf.Duration
 	13, // 9: snakepit.v1.DrainProgress.moves:type_name -> snakepit.v1.SessionMove
 	16, // 10: snakepit.v1.ClusterStatusResponse.nodes:type_name -> snakepit.v1.NodeStatus
 	17, // 11: snakepit.v1.ClusterStatusResponse.totals:type_name -> snakepit.v1.ClusterTotals
-	22, // 12: snakepit.v1.NodeStatus.status:type_name -> snakepit.v1.StatusResponse
+	23, // 12: snakepit.v1.NodeStatus.status:type_name -> snakepit.v1.StatusResponse
 	0,  // 13: snakepit.v1.Admin.Cordon:input_type -> snakepit.v1.CordonRequest
 	2,  // 14: snakepit.v1.Admin.Uncordon:input_type -> snakepit.v1.UncordonRequest
 	11, // 15: snakepit.v1.Admin.Drain:input_type -> snakepit.v1.DrainRequest
 	4,  // 16: snakepit.v1.Admin.Resize:input_type -> snakepit.v1.ResizeRequest
 	6,  // 17: snakepit.v1.Admin.ListWorkers:input_type -> snakepit.v1.ListWorkersRequest
-	14, // 18: snakepit.v1.Admin.ClusterStatus:input_type -> snakepit.v1.ClusterStatusRequest
-	9,  // 19: snakepit.v1.Admin.Intent:input_type -> snakepit.v1.IntentRequest
-	1,  // 20: snakepit.v1.Admin.Cordon:output_type -> snakepit.v1.CordonResponse
-	3,  // 21: snakepit.v1.Admin.Uncordon:output_type -> snakepit.v1.UncordonResponse
-	12, // 22: snakepit.v1.Admin.Drain:output_type -> snakepit.v1.DrainProgress
-	5,  // 23: snakepit.v1.Admin.Resize:output_type -> snakepit.v1.ResizeResponse
-	7,  // 24: snakepit.v1.Admin.ListWorkers:output_type -> snakepit.v1.ListWorkersResponse
-	15, // 25: snakepit.v1.Admin.ClusterStatus:output_type -> snakepit.v1.ClusterStatusResponse
-	10, // 26: snakepit.v1.Admin.Intent:output_type -> snakepit.v1.IntentResponse
-	20, // [20:27] is the sub-list for method output_type
-	13, // [13:20] is the sub-list for method input_type
+	18, // 18: snakepit.v1.Admin.Status:input_type -> snakepit.v1.AdminStatusRequest
+	24, // 19: snakepit.v1.Admin.ListSessions:input_type -> snakepit.v1.ListSessionsRequest
+	14, // 20: snakepit.v1.Admin.ClusterStatus:input_type -> snakepit.v1.ClusterStatusRequest
+	9,  // 21: snakepit.v1.Admin.Intent:input_type -> snakepit.v1.IntentRequest
+	1,  // 22: snakepit.v1.Admin.Cordon:output_type -> snakepit.v1.CordonResponse
+	3,  // 23: snakepit.v1.Admin.Uncordon:output_type -> snakepit.v1.UncordonResponse
+	12, // 24: snakepit.v1.Admin.Drain:output_type -> snakepit.v1.DrainProgress
+	5,  // 25: snakepit.v1.Admin.Resize:output_type -> snakepit.v1.ResizeResponse
+	7,  // 26: snakepit.v1.Admin.ListWorkers:output_type -> snakepit.v1.ListWorkersResponse
+	15, // 27: snakepit.v1.Admin.Status:output_type -> snakepit.v1.ClusterStatusResponse
+	25, // 28: snakepit.v1.Admin.ListSessions:output_type -> snakepit.v1.ListSessionsResponse
+	15, // 29: snakepit.v1.Admin.ClusterStatus:output_type -> snakepit.v1.ClusterStatusResponse
+	10, // 30: snakepit.v1.Admin.Intent:output_type -> snakepit.v1.IntentResponse
+	22, // [22:31] is the sub-list for method output_type
+	13, // [13:22] is the sub-list for method input_type
 	13, // [13:13] is the sub-list for extension type_name
 	13, // [13:13] is the sub-list for extension extendee
 	0,  // [0:13] is the sub-list for field type_name
@@ -1201,7 +1257,7 @@ func file_snakepit_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snakepit_v1_admin_proto_rawDesc), len(file_snakepit_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
