@@ -47,7 +47,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.python, "python", "python3", "Python interpreter")
 	fs.DurationVar(&o.duration, "duration", 3*time.Second, "length of each throughput run")
 	fs.StringVar(&o.env, "daemon-env", "", "extra KEY=VALUE for the daemon's environment (comma-separated), e.g. GOMAXPROCS=1")
-	fs.StringVar(&o.only, "only", "", "comma-separated sections to run (call,startup,stream,cluster,tls,drain); empty runs all")
+	fs.StringVar(&o.only, "only", "", "comma-separated sections to run (call,startup,stream,cluster,tls,drain,router); empty runs all")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
