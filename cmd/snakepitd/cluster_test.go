@@ -142,6 +142,36 @@ func sendSignal(t *testing.T, n *clusterNode, sig syscall.Signal) {
 	if err := n.cmd.Process.Signal(sig); err != nil {
 		t.Fatalf("signal %v to %s: %v", sig, n.id, err)
 	}
+	if sig == syscall.SIGSTOP {
+		// kill(2) returns before every thread has stopped: a call can still
+		// be answered meanwhile. Wait until all threads are stopped.
+		waitStopped(t, n.cmd.Process.Pid)
+	}
+}
+
+// waitStopped waits until every thread of pid is in the stopped state.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		stopped := len(tasks) > 0
+		for _, task := range tasks {
+			b, err := os.ReadFile(task)
+			i := strings.LastIndexByte(string(b), ')')
+			if err != nil || i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+				stopped = false
+				break
+			}
+		}
+		if stopped {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d not stopped 10s after SIGSTOP", pid)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 func skipUnlessCluster(t *testing.T) (daemon, ctl string, agent *consultest.Agent) {
