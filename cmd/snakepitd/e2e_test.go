@@ -50,6 +50,7 @@ type daemonProc struct {
 	cmd    *exec.Cmd
 	addr   string
 	stderr *bytes.Buffer
+	out    *lockedWriter // stderr's writer: read it through out.String
 	exited chan error
 }
 
@@ -61,11 +62,12 @@ func startDaemon(t *testing.T, bin, dir string, args ...string) *daemonProc {
 		"--listen-file", listenFile, "--log-format", "json"}, args...)...)
 	cmd.Dir = dir
 	var stderr bytes.Buffer
-	cmd.Stderr = &lockedWriter{w: &stderr}
+	out := &lockedWriter{w: &stderr}
+	cmd.Stderr = out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemonProc{cmd: cmd, stderr: &stderr, exited: make(chan error, 1)}
+	d := &daemonProc{cmd: cmd, stderr: &stderr, out: out, exited: make(chan error, 1)}
 	go func() { d.exited <- cmd.Wait() }()
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill()

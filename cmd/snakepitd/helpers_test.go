@@ -1,11 +1,16 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"io"
+	"net/http"
 	"os/exec"
+	"regexp"
+	"strconv"
 	"sync"
 	"testing"
+	"time"
 )
 
 // lockedWriter makes a writer safe for the concurrent writes of a child
@@ -19,6 +24,56 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// String returns what was written so far (w must be a *bytes.Buffer).
+func (l *lockedWriter) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.(*bytes.Buffer).String()
+}
+
+// metricsAddr returns the metrics address a daemon logged ("serving
+// metrics"), waiting for the line.
+func (d *daemonProc) metricsAddr(t *testing.T) string {
+	t.Helper()
+	re := regexp.MustCompile(`"metrics_listen":"([^"]+)"`)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if m := re.FindStringSubmatch(d.out.String()); m != nil {
+			return m[1]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon logged no metrics address within 30s:\n%s", d.out.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// scrapeMetric returns the value of one sample (name{labels}, labels as
+// the exposition format prints them) from the daemon's /metrics; 0 when
+// the sample is absent.
+func (d *daemonProc) scrapeMetric(t *testing.T, name, labels string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + d.metricsAddr(t) + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	re := regexp.MustCompile("(?m)^" + regexp.QuoteMeta(name+"{"+labels+"}") + ` ([0-9.e+-]+)$`)
+	m := re.FindSubmatch(b)
+	if m == nil {
+		return 0
+	}
+	v, err := strconv.ParseFloat(string(m[1]), 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
 }
 
 func fmtConfig(format string, args ...any) string { return fmt.Sprintf(format, args...) }

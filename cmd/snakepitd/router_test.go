@@ -439,12 +439,14 @@ func TestRouterProcesses(t *testing.T) {
 	})
 
 	// SIGSTOP: calls to the frozen owner end within their deadline
-	// (DEADLINE_EXCEEDED) until it is routed away (observed: when its TTL
-	// lapses, not by the breaker, see below); then hint sessions go to
-	// their next owner and strict_fail_fast fails at once with
-	// OWNER_UNAVAILABLE; strict_queue waits and fails with OWNER_UNAVAILABLE
-	// at its deadline, and after the break-glass lease runs on the
-	// next-ranked node. SIGCONT readmits the node.
+	// (DEADLINE_EXCEEDED) until the entry node's breaker ejects it (the
+	// timed-out calls start liveness probes, which get no answer), well
+	// before its TTL lapses and while discovery still lists it; then hint
+	// sessions go to their next owner and strict_fail_fast fails at once
+	// with OWNER_UNAVAILABLE; strict_queue waits and fails with
+	// OWNER_UNAVAILABLE at its deadline, and once the owner has been down
+	// for the break-glass lease runs on the next-ranked node, still before
+	// the TTL. SIGCONT readmits the node.
 	run("frozen node: deadlines, ejection, break-glass, readmission", func(t *testing.T) {
 		owner, entry := "node-b", "node-a"
 		sH, rH := c.sessionOwnedBy("default", "frz-hint", owner, "")
@@ -482,18 +484,20 @@ func TestRouterProcesses(t *testing.T) {
 			if status.Code(err) != codes.DeadlineExceeded || took > d+500*time.Millisecond {
 				t.Fatalf("call to frozen %s: %v after %s, want DEADLINE_EXCEEDED within %s", owner, err, took, d)
 			}
-			if timeouts++; time.Since(frozen) > routerTTL+10*time.Second {
-				t.Fatalf("%d calls timed out on frozen %s, %s after SIGSTOP: never routed away", timeouts, owner, time.Since(frozen))
+			if timeouts++; time.Since(frozen) > routerTTL {
+				t.Fatalf("%d calls timed out on frozen %s, %s after SIGSTOP: not ejected before its TTL (%s)", timeouts, owner, time.Since(frozen), routerTTL)
 			}
 		}
 		ejected := time.Since(frozen)
 		ids, _, err := c.node(entry).view()
-		// Observed: the breaker does not eject the frozen node while its
-		// callers set deadlines (the calls time out; see the report in
-		// docs/forwarding.md, Measured): it is routed away only once its
-		// TTL lapses and discovery drops it.
-		t.Logf("frozen %s routed away by %s after %d timeouts, %s after SIGSTOP (TTL %s); discovery view then %v (%v); still listed: %v",
-			owner, entry, timeouts, ejected, routerTTL, ids, err, slices.Contains(ids, owner))
+		t.Logf("frozen %s ejected by %s after %d timeouts, %s after SIGSTOP (TTL %s); discovery view then %v (%v)",
+			owner, entry, timeouts, ejected, routerTTL, ids, err)
+		if err != nil || !slices.Contains(ids, owner) {
+			t.Errorf("discovery no longer lists %s when it was routed away (%v, %v): the TTL, not the breaker, did it", owner, ids, err)
+		}
+		if v := c.node(entry).scrapeMetric(t, "snakepit_peer_ejections_total", `peer="`+owner+`"`); v < 1 {
+			t.Errorf("%s's snakepit_peer_ejections_total{peer=%q} = %v after the freeze, want >= 1", entry, owner, v)
+		}
 		if _, err, took := call(sF, snakepitv1.Affinity_AFFINITY_STRICT_FAIL_FAST, 5*time.Second); !isReason(err, codes.Unavailable, "OWNER_UNAVAILABLE") || took > time.Second {
 			t.Errorf("strict_fail_fast, owner frozen and ejected: %v after %s, want OWNER_UNAVAILABLE at once", err, took)
 		}
@@ -508,9 +512,12 @@ func TestRouterProcesses(t *testing.T) {
 			r, err, _ := call(sQ, snakepitv1.Affinity_AFFINITY_STRICT_QUEUE, time.Second)
 			if err == nil {
 				after := time.Since(frozen)
-				t.Logf("strict_queue session of frozen %s moved to %s %s after SIGSTOP (lease %s)", owner, r.GetRanOn().GetNodeId(), after, routerLease)
+				t.Logf("strict_queue session of frozen %s moved to %s %s after SIGSTOP (lease %s, TTL %s)", owner, r.GetRanOn().GetNodeId(), after, routerLease, routerTTL)
 				if r.GetRanOn().GetNodeId() != rQ[1] || after < routerLease {
 					t.Errorf("strict_queue broke glass to %s after %s, want %s after at least the lease %s", r.GetRanOn().GetNodeId(), after, rQ[1], routerLease)
+				}
+				if ids, _, err := c.node(entry).view(); err != nil || !slices.Contains(ids, owner) {
+					t.Errorf("discovery no longer lists %s when strict_queue broke glass (%v, %v): the TTL, not the lease, moved it", owner, ids, err)
 				}
 				break
 			}
@@ -646,11 +653,24 @@ func TestRouterProcesses(t *testing.T) {
 				t.Errorf("strict_fail_fast, owner dead: %v after %s, want OWNER_UNAVAILABLE at once", err, took)
 			}
 			t0 = time.Now()
-			_, err = c.exec(entry, 500*time.Millisecond, &snakepitv1.ExecuteRequest{Tool: "noop", SessionId: sQ, Affinity: snakepitv1.Affinity_AFFINITY_STRICT_QUEUE})
-			// Observed: DEADLINE_EXCEEDED (the router retries the dead
-			// owner's connection each refresh, so it is not down all the
-			// time) or OWNER_UNAVAILABLE, at the deadline.
-			if took := time.Since(t0); !(isReason(err, codes.Unavailable, "OWNER_UNAVAILABLE") || status.Code(err) == codes.DeadlineExceeded) || took < 400*time.Millisecond || took > 1500*time.Millisecond {
+			r, err = c.exec(entry, 500*time.Millisecond, &snakepitv1.ExecuteRequest{Tool: "noop", SessionId: sQ, Affinity: snakepitv1.Affinity_AFFINITY_STRICT_QUEUE})
+			// strict_queue waits for the owner: it fails at its deadline
+			// while the lease runs (OWNER_UNAVAILABLE, or DEADLINE_EXCEEDED
+			// when the wait ends on the entry node's own deadline), or, if
+			// the lease runs out during the wait (it started when the
+			// entry node first saw node-c down, after the kill), runs on
+			// the next-ranked node then.
+			took := time.Since(t0)
+			switch {
+			case err == nil:
+				if r.GetRanOn().GetNodeId() != rQ[1] || time.Since(killed) < routerLease {
+					t.Errorf("strict_queue, owner dead: ran on %s %s after the kill, want %s and not before the lease %s", r.GetRanOn().GetNodeId(), time.Since(killed), rQ[1], routerLease)
+				}
+			case isReason(err, codes.Unavailable, "OWNER_UNAVAILABLE") || status.Code(err) == codes.DeadlineExceeded:
+				if took < 400*time.Millisecond || took > 1500*time.Millisecond {
+					t.Errorf("strict_queue, owner dead, before the lease: %v after %s, want it after waiting until the deadline", err, took)
+				}
+			default:
 				t.Errorf("strict_queue, owner dead, before the lease: %v after %s, want OWNER_UNAVAILABLE after waiting until the deadline", err, took)
 			}
 			seen := map[string]int{}

@@ -82,6 +82,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 			return fmt.Errorf("metrics_listen %s: %w", cfg.MetricsListen, err)
 		}
 		defer stopMetrics()
+		n.log.Info().Str("metrics_listen", maddr.String()).Msg("serving metrics")
 		if hooks.MetricsListening != nil {
 			hooks.MetricsListening(maddr)
 		}

@@ -125,7 +125,7 @@ func notExecuted(err error) bool {
 	switch {
 	case errors.As(err, &qfe), errors.As(err, &qte), errors.As(err, &sbe), errors.As(err, &sme), errors.As(err, &sre),
 		errors.As(err, &pue), errors.As(err, &upe), errors.As(err, &ute), errors.As(err, &iae),
-		errors.Is(err, ErrDraining), errors.Is(err, ErrShuttingDown):
+		errors.Is(err, ErrDraining), errors.Is(err, ErrCordoned), errors.Is(err, ErrShuttingDown):
 		return true
 	case errors.As(err, &dle):
 		return dle.Stage == StageQueued

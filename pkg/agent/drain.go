@@ -10,6 +10,23 @@ import (
 // not executed, so a router may send it to another node at once.
 var ErrDraining = errors.New("node is draining: call not executed here (another node can take it)")
 
+// ErrCordoned reports a routed call refused because the node is cordoned
+// and does not hold the call's session: it was not executed, and the router
+// that sent it places it on the next node. A cordoned node keeps serving the
+// sessions it holds (docs/operations.md).
+var ErrCordoned = errors.New("node is cordoned and takes no new sessions or sessionless work: call not executed here (another node can take it)")
+
+// acceptWhileCordoned says whether a routed call may run on a cordoned (not
+// draining) node: only a call of a session the node holds.
+func (n *Node) acceptWhileCordoned(p *Pool, req *Request) bool {
+	if req.SessionID == "" {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sessions[req.SessionID] != nil
+}
+
 // DefaultDrainDeadline bounds a drain that names no deadline.
 const DefaultDrainDeadline = 5 * time.Minute
 

@@ -13,8 +13,10 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/sony/gobreaker/v2"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
@@ -228,8 +230,24 @@ type forwarder struct {
 
 // routeState is what one call needs, swapped whole on every change.
 type routeState struct {
+	// table ranks sessionless calls: cordoned nodes take none.
 	table *router.Table
-	conns []*peerConn // by table index; nil for the local node
+	// sessions ranks session calls: the same peers, but a cordoned (not
+	// draining) node still ranks, so the sessions it holds keep going to
+	// it; it refuses the ones it does not hold (ErrCordoned), which then
+	// go to the next-ranked node.
+	sessions *router.Table
+	conns    []*peerConn // by table index (both tables); nil for the local node
+	// changed is closed when a newer routeState replaces this one.
+	changed chan struct{}
+}
+
+// tableFor returns the table that ranks req.
+func (st *routeState) tableFor(req *Request) *router.Table {
+	if req.SessionID != "" {
+		return st.sessions
+	}
+	return st.table
 }
 
 // run is Run for Serve, which logs its error (a TLS file that cannot be
@@ -288,7 +306,9 @@ func (f *forwarder) Run(ctx context.Context, src PeerSource) error {
 }
 
 func (f *forwarder) closeAll() {
-	f.state.Store(nil)
+	if old := f.state.Swap(nil); old != nil {
+		close(old.changed)
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for id, p := range f.peers {
@@ -297,8 +317,19 @@ func (f *forwarder) closeAll() {
 	}
 }
 
-// kick asks Run to rebuild the table (a breaker opened).
-func (f *forwarder) kick(string) {
+// breakerChanged counts an ejection and asks Run to rebuild the table.
+func (f *forwarder) breakerChanged(id string, to gobreaker.State) {
+	if to == gobreaker.StateOpen {
+		f.n.metrics.ejections.WithLabelValues(id).Inc()
+		f.log.Warn().Str("node_id", id).Dur("backoff", f.cfg.BreakerBackoff).Msg("peer ejected: calls to it failed or it stopped answering")
+	} else if to == gobreaker.StateClosed {
+		f.log.Info().Str("node_id", id).Msg("peer readmitted")
+	}
+	f.kick()
+}
+
+// kick asks Run to rebuild the table.
+func (f *forwarder) kick() {
 	select {
 	case f.rebuld <- struct{}{}:
 	default:
@@ -331,7 +362,7 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 			}
 			if pc == nil {
 				var err error
-				if pc, err = dialPeer(id, dp.Addr, f.cfg, f.creds, f.kick); err != nil {
+				if pc, err = dialPeer(id, dp.Addr, f.cfg, f.creds, f.breakerChanged); err != nil {
 					f.log.Warn().Err(err).Str("node_id", id).Str("addr", dp.Addr).Msg("cannot dial peer")
 					continue
 				}
@@ -369,6 +400,7 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 	self := f.localPeer()
 	fp := fmt.Sprint(self.Healthy, self.Cordoned, self.Draining, self.Pools)
 	for _, pc := range f.peers {
+		pc.down(now) // starts (or stops) the peer's down clock
 		fp += fmt.Sprint(pc.id, pc.usable())
 	}
 	if !changed && fp == f.lastSt && f.state.Load() != nil {
@@ -391,12 +423,24 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 		f.log.Error().Err(err).Msg("cannot build the routing table; keeping the previous one")
 		return
 	}
+	for i := range peers {
+		peers[i].Cordoned = false // Draining still takes a node out
+	}
+	ts, err := router.NewTable(peers, router.NodeID(local))
+	if err != nil {
+		f.log.Error().Err(err).Msg("cannot build the session routing table; keeping the previous one")
+		return
+	}
+	// Both tables index peers in order of ID: one conns slice serves both.
 	byIndex := make([]*peerConn, t.Len())
 	for i, p := range peers {
 		j, _ := t.Index(p.ID)
 		byIndex[j] = conns[i]
 	}
-	f.state.Store(&routeState{table: t, conns: byIndex})
+	old := f.state.Swap(&routeState{table: t, sessions: ts, conns: byIndex, changed: make(chan struct{})})
+	if old != nil {
+		close(old.changed)
+	}
 }
 
 // localPeer describes this node to its own router: as published when
@@ -465,6 +509,12 @@ func (f *forwarder) refreshIdle(ctx context.Context) {
 
 type localOnlyKey struct{}
 
+// routed reports whether the call reached this node through a router: this
+// node's (it chose this node) or an entry node's (forwarded).
+func routed(ctx context.Context) bool {
+	return ctx.Value(localOnlyKey{}) != nil || forwardedBy(ctx) != ""
+}
+
 // forwardedBy returns the entry node of a forwarded call, "" otherwise.
 func forwardedBy(ctx context.Context) string {
 	md, _ := metadata.FromIncomingContext(ctx)
@@ -530,7 +580,7 @@ func (f *forwarder) route(ctx context.Context, req *Request, emit func([]byte) e
 		}
 	}
 	var buf [16]router.Candidate
-	cands, err := st.table.Rank(rq, poolLoads{st: st, n: f.n, pool: pool}, buf[:0])
+	cands, err := st.tableFor(req).Rank(rq, poolLoads{st: st, n: f.n, pool: pool}, buf[:0])
 	if err != nil {
 		return nil, err, true
 	}
@@ -538,9 +588,14 @@ func (f *forwarder) route(ctx context.Context, req *Request, emit func([]byte) e
 	f.budget.request(now)
 	var last error
 	for i, c := range cands {
-		if i > 0 && !f.budget.allowRetry(now) {
+		// Moving past a cordoned node's refusal is placement, not a retry:
+		// it costs the retry budget nothing.
+		if i > 0 && !isReasonErr(last, ReasonCordoned) && !f.budget.allowRetry(now) {
 			f.log.Debug().Str("request_id", req.RequestID).Msg("retry budget spent")
 			break
+		}
+		if i > 0 {
+			f.n.metrics.retries.WithLabelValues(retryReason(last)).Inc()
 		}
 		res, err, oc := f.attempt(ctx, st, c, req, emit)
 		switch oc {
@@ -550,6 +605,7 @@ func (f *forwarder) route(ctx context.Context, req *Request, emit func([]byte) e
 			if !req.Idempotent || emit != nil {
 				return nil, &MayHaveExecutedError{Node: string(c.ID), RequestID: req.RequestID, Err: err}, true
 			}
+			err = &fateUnknownError{err}
 		}
 		last = err
 		if ctx.Err() != nil {
@@ -561,68 +617,127 @@ func (f *forwarder) route(ctx context.Context, req *Request, emit func([]byte) e
 
 // strict routes a session call in strict_queue or strict_fail_fast mode:
 // only the owner, ranked with unhealthy peers included so a down owner
-// stays the owner; strict_queue waits for it, and once it has been down
-// past the break-glass lease hands the session to the next-ranked node.
+// stays the owner; strict_fail_fast fails at once when it is down,
+// strict_queue waits for it (woken by every routing change), and once it
+// has been down past the break-glass lease hands the session to the
+// next-ranked node. A cordoned owner that does not hold the session
+// refuses it (not executed): the session is new, and is placed on the
+// next-ranked node.
 func (f *forwarder) strict(ctx context.Context, st *routeState, req *Request, rq router.Request) (*Result, error) {
 	rq.IncludeUnhealthy, rq.Max = true, 1
 	var buf [1]router.Candidate
 	for {
-		cands, err := st.table.Rank(rq, nil, buf[:0])
+		cands, err := st.sessions.Rank(rq, nil, buf[:0])
 		if err != nil {
 			return nil, err
 		}
 		c := cands[0]
+		now := time.Now()
 		isDown, since := false, time.Time{}
 		reason := "unhealthy"
 		if pc := st.conns[c.Index]; pc != nil {
-			isDown, since = pc.down(time.Now())
+			isDown, since = pc.down(now)
 			if !pc.usable() {
 				reason = "unreachable or ejected"
 			}
 		} else {
 			isDown = !c.Healthy
 		}
-		if !isDown {
-			res, err, oc := f.attempt(ctx, st, c, req, nil)
-			if oc == unknown {
-				return nil, &MayHaveExecutedError{Node: string(c.ID), RequestID: req.RequestID, Err: err}
-			}
-			return res, err
-		}
 		ownerErr := &OwnerUnavailableError{Pool: rq.Pool, SessionID: req.SessionID, Owner: string(c.ID), Mode: req.Affinity, Reason: reason}
-		if req.Affinity == AffinityStrictFailFast {
-			return nil, ownerErr
-		}
-		if !since.IsZero() && time.Since(since) >= f.cfg.BreakGlassLease {
-			// Break glass: the next-ranked node takes the session over.
-			f.log.Warn().Str("session_id", req.SessionID).Str("owner", string(c.ID)).Dur("down_for", time.Since(since)).
+		if req.Affinity == AffinityStrictQueue && !since.IsZero() && now.Sub(since) >= f.cfg.BreakGlassLease {
+			// Break glass: the owner has been down (failing every probe)
+			// for the lease; the next-ranked node takes the session over.
+			f.log.Warn().Str("session_id", req.SessionID).Str("owner", string(c.ID)).Dur("down_for", now.Sub(since)).
 				Msg("strict session owner down past the break-glass lease; moving the session")
 			rq.Exclude = append(rq.Exclude, c.ID)
 			rq.IncludeUnhealthy = false
-			next, err := st.table.Rank(rq, nil, buf[:0])
-			if err != nil {
-				return nil, err
-			}
-			res, err, oc := f.attempt(ctx, st, next[0], req, nil)
-			if oc == unknown {
-				return nil, &MayHaveExecutedError{Node: string(next[0].ID), RequestID: req.RequestID, Err: err}
-			}
-			return res, err
+			continue
 		}
-		// Wait for the owner (or the lease), within the deadline.
-		wait := 50 * time.Millisecond
-		t := time.NewTimer(wait)
+		if !isDown {
+			res, err, oc := f.attempt(ctx, st, c, req, nil)
+			switch {
+			case oc == unknown:
+				return nil, &MayHaveExecutedError{Node: string(c.ID), RequestID: req.RequestID, Err: err}
+			case oc == notStarted && isReasonErr(err, ReasonCordoned):
+				// A new session of a cordoned owner: place it on the next.
+				rq.Exclude = append(rq.Exclude, c.ID)
+				continue
+			case oc == notStarted && isPeerUnavailable(err):
+				// The owner's breaker is deciding (a probe is out) or its
+				// connection just failed: the owner is down for now.
+				ownerErr.Reason = err.Error()
+			default:
+				return res, err
+			}
+		}
+		if req.Affinity == AffinityStrictFailFast {
+			return nil, ownerErr
+		}
+		// Wait for the owner (or the lease), within the deadline: any
+		// routing change (breaker, connection, discovery) wakes us.
+		var lease *time.Timer
+		var leaseC <-chan time.Time
+		if !since.IsZero() {
+			lease = time.NewTimer(since.Add(f.cfg.BreakGlassLease).Sub(now))
+			leaseC = lease.C
+		}
 		select {
 		case <-ctx.Done():
-			t.Stop()
 			ownerErr.Reason += fmt.Sprintf("; waited until the deadline (break_glass_lease %s)", f.cfg.BreakGlassLease)
+		case <-st.changed:
+		case <-leaseC:
+		}
+		if lease != nil {
+			lease.Stop()
+		}
+		if ctx.Err() != nil {
 			return nil, ownerErr
-		case <-t.C:
 		}
 		if cur := f.state.Load(); cur != nil {
 			st = cur
 		}
 	}
+}
+
+// fateUnknownError marks an attempt that may have run, retried because
+// the call is idempotent.
+type fateUnknownError struct{ error }
+
+func (e *fateUnknownError) Unwrap() error { return e.error }
+
+// retryReason labels snakepit_retries_total for a move to the next node
+// after the attempt that failed with err.
+func retryReason(err error) string {
+	var fu *fateUnknownError
+	switch {
+	case errors.As(err, &fu):
+		return "idempotent_fate_unknown"
+	case isPeerUnavailable(err):
+		return "peer_unreachable"
+	case isReasonErr(err, ReasonCordoned):
+		return "peer_cordoned"
+	default:
+		return "peer_refused"
+	}
+}
+
+// isPeerUnavailable: the call was not delivered to a peer (its breaker or
+// connection refused it).
+func isPeerUnavailable(err error) bool {
+	var pue *PeerUnavailableError
+	return errors.As(err, &pue)
+}
+
+// isReasonErr reports whether err is a snakepit node's answer (this node's
+// or a peer's) with the given reason.
+func isReasonErr(err error, reason string) bool {
+	if err == nil {
+		return false
+	}
+	if s, ok := status.FromError(err); ok && s.Code() != codes.OK && nodeReason(s) != "" {
+		return nodeReason(s) == reason
+	}
+	return reason == ReasonCordoned && errors.Is(err, ErrCordoned)
 }
 
 // poolLoads gives Rank the loads of one pool: the local node's measured
@@ -655,6 +770,33 @@ func (f *forwarder) attempt(ctx context.Context, st *routeState, c router.Candid
 		}
 		return res, err, done
 	}
+	res, err, oc := f.forward(ctx, pc, req, emit)
+	f.n.metrics.forwards.WithLabelValues(pc.id, forwardOutcome(err, oc)).Inc()
+	return res, err, oc
+}
+
+// forwardOutcome labels snakepit_forwards_total.
+func forwardOutcome(err error, oc outcome) string {
+	var re *remoteError
+	isAnswer := errors.As(err, &re)
+	switch {
+	case err == nil:
+		return "ok"
+	case oc == done && isAnswer:
+		return "error"
+	case oc == done:
+		return "no_answer"
+	case oc == notStarted && isAnswer:
+		return "refused"
+	case oc == notStarted:
+		return "not_delivered"
+	default:
+		return "fate_unknown"
+	}
+}
+
+// forward sends the call to a peer: attempt's remote half.
+func (f *forwarder) forward(ctx context.Context, pc *peerConn, req *Request, emit func([]byte) error) (*Result, error, outcome) {
 	finish, err := pc.br.Allow()
 	if err != nil {
 		return nil, &PeerUnavailableError{Node: pc.id, Err: err}, notStarted
@@ -700,13 +842,14 @@ func (f *forwarder) attempt(ctx context.Context, st *routeState, c router.Candid
 		return nil, &remoteError{node: pc.id, st: s}, done
 	}
 	if ctx.Err() != nil {
-		// Our deadline or our caller: a timeout counts against the peer.
+		// Our deadline or our caller ended the call before the peer
+		// answered: a slow tool, or a frozen peer. The breaker ignores the
+		// call; a liveness probe tells the two apart.
+		finish(errNoAnswer)
+		pc.probe()
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			finish(errPeerFailed)
-			pc.markDownIfEjected()
 			return nil, fmt.Errorf("node %s did not answer within the deadline: %w", pc.id, context.DeadlineExceeded), done
 		}
-		finish(nil)
 		return nil, ctx.Err(), done
 	}
 	finish(errPeerFailed)
@@ -714,13 +857,6 @@ func (f *forwarder) attempt(ctx context.Context, st *routeState, c router.Candid
 		return nil, &PeerUnavailableError{Node: pc.id, Err: err}, notStarted
 	}
 	return nil, err, unknown
-}
-
-// markDownIfEjected notes when the peer went down, once its breaker opened.
-func (p *peerConn) markDownIfEjected() {
-	if !p.usable() {
-		p.markDown(time.Now())
-	}
 }
 
 // isNodeAnswer: the status was built by a snakepit node's handler (it
@@ -745,7 +881,7 @@ func nodeReason(s *status.Status) string {
 // another node may.
 func peerRefused(s *status.Status) bool {
 	switch nodeReason(s) {
-	case ReasonQueueFull, ReasonQueueTimeout, ReasonSessionBusy, ReasonDraining, ReasonShuttingDown,
+	case ReasonQueueFull, ReasonQueueTimeout, ReasonSessionBusy, ReasonDraining, ReasonCordoned, ReasonShuttingDown,
 		ReasonPoolUnavailable, ReasonUnknownPool, ReasonSessionLimit:
 		return true
 	case ReasonDeadline:

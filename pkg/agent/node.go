@@ -317,6 +317,8 @@ func (n *Node) execute(ctx context.Context, req *Request, emit func([]byte) erro
 	}
 	if in := n.intent.get(); in.Draining && !n.acceptWhileDraining(p, req) {
 		return nil, ErrDraining
+	} else if in.Cordoned && !in.Draining && routed(ctx) && !n.acceptWhileCordoned(p, req) {
+		return nil, ErrCordoned
 	}
 	callerID := req.RequestID != ""
 	if req.RequestID == "" {

@@ -48,6 +48,11 @@ type peerConn struct {
 	loads     atomic.Pointer[map[string]float64]
 	lastHeard atomic.Int64 // unix nanos of the last answer
 	notServ   atomic.Bool  // its health check said NOT_SERVING
+	probing   atomic.Bool  // a liveness probe is running
+	probeTO   time.Duration
+	failures  int // breaker_failures: probes in a row that eject
+	ctx       context.Context
+	cancel    context.CancelFunc
 
 	mu        sync.Mutex
 	listed    bool      // in the current snapshot, healthy
@@ -56,13 +61,20 @@ type peerConn struct {
 }
 
 // errPeerFailed is what a peer's breaker counts as a failure: the call did
-// not reach the peer, its connection failed, or it timed out.
+// not reach the peer, its connection failed, or a liveness probe timed out.
 var errPeerFailed = errors.New("peer failed")
+
+// errNoAnswer ends a call that the caller's deadline or cancellation cut
+// short before the peer answered. The breaker ignores it: a slow tool on a
+// healthy peer looks the same as a frozen peer. Instead it starts a
+// liveness probe (probe), whose answer decides.
+var errNoAnswer = errors.New("no answer before the caller's deadline")
 
 // dialPeer creates the connection to a peer (it connects in the
 // background; no I/O here).
-func dialPeer(id, addr string, cfg RouterConfig, creds grpc.DialOption, onOpen func(id string)) (*peerConn, error) {
-	p := &peerConn{id: id, addr: addr}
+func dialPeer(id, addr string, cfg RouterConfig, creds grpc.DialOption, onChange func(id string, to gobreaker.State)) (*peerConn, error) {
+	p := &peerConn{id: id, addr: addr, probeTO: cfg.LoadRefreshInterval, failures: cfg.BreakerFailures}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
 	conn, err := grpc.NewClient("passthrough:///"+addr, creds,
 		grpc.WithStatsHandler(sentTracker{}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(DefaultMaxMessageBytes*2), grpc.MaxCallSendMsgSize(DefaultMaxMessageBytes*2)),
@@ -82,9 +94,13 @@ func dialPeer(id, addr string, cfg RouterConfig, creds grpc.DialOption, onOpen f
 		MaxRequests: 1,
 		Timeout:     cfg.BreakerBackoff,
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= uint32(cfg.BreakerFailures) },
+		IsExcluded:  func(err error) bool { return errors.Is(err, errNoAnswer) },
 		OnStateChange: func(_ string, _, to gobreaker.State) {
-			if to == gobreaker.StateOpen && onOpen != nil {
-				onOpen(id)
+			if to == gobreaker.StateOpen {
+				p.markDown(time.Now())
+			}
+			if onChange != nil {
+				onChange(id, to) // the table changes (and strict waiters wake)
 			}
 		},
 	})
@@ -103,16 +119,21 @@ func (p *peerConn) usable() bool {
 }
 
 // down reports whether the peer is down (not listed healthy, ejected, or
-// its connection failing) and since when, as this node saw it first.
+// its connection failing) and since when, as this node saw it first. The
+// clock keeps running while the breaker is half-open (a probe is deciding):
+// it stops only once the peer is up for good, so an owner that fails every
+// probe is down for the whole time, as strict_queue's break-glass lease
+// needs.
 func (p *peerConn) down(now time.Time) (bool, time.Time) {
 	isDown := !p.usable()
+	settled := p.br.State() == gobreaker.StateClosed
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	isDown = isDown || !p.listed
 	switch {
-	case !isDown:
+	case !isDown && settled:
 		p.downSince = time.Time{}
-	case p.downSince.IsZero():
+	case isDown && p.downSince.IsZero():
 		p.downSince = now
 	}
 	return isDown, p.downSince
@@ -152,9 +173,37 @@ func (p *peerConn) heard(md metadata.MD) {
 // its load). A half-open breaker lets it through as the probe; an open one
 // skips it until its back-off is over.
 func (p *peerConn) refresh(ctx context.Context, timeout time.Duration) {
+	p.check(ctx, timeout)
+}
+
+// probe checks, in the background, whether a peer that let a call run
+// past its caller's deadline still answers: a health check bounded by
+// load_refresh_interval. Each probe that gets no answer counts as a
+// failure, and it probes again at once, until the peer answers or its
+// breaker opens (after breaker_failures probes): a frozen peer is ejected
+// within about breaker_failures × load_refresh_interval of its first
+// timed-out call, long before its discovery TTL lapses, while a slow tool
+// on a live peer costs one cheap health check. One probe runs at a time.
+func (p *peerConn) probe() {
+	if !p.probing.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer p.probing.Store(false)
+		for range max(p.failures, 1) {
+			if p.ctx.Err() != nil || !p.check(p.ctx, p.probeTO) {
+				return
+			}
+		}
+	}()
+}
+
+// check runs one health check through the breaker and reports whether to
+// keep probing: the peer did not answer and its breaker is still closed.
+func (p *peerConn) check(ctx context.Context, timeout time.Duration) (again bool) {
 	done, err := p.br.Allow()
 	if err != nil {
-		return
+		return false
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -162,18 +211,22 @@ func (p *peerConn) refresh(ctx context.Context, timeout time.Duration) {
 	r, err := p.health.Check(cctx, &healthpb.HealthCheckRequest{}, grpc.Trailer(&tr))
 	if err != nil && ctx.Err() != nil {
 		done(nil) // we are stopping; says nothing of the peer
-		return
+		return false
 	}
 	if err != nil {
 		done(errPeerFailed)
-		return
+		return p.br.State() == gobreaker.StateClosed
 	}
 	p.notServ.Store(r.GetStatus() != healthpb.HealthCheckResponse_SERVING)
 	p.heard(tr)
 	done(nil)
+	return false
 }
 
-func (p *peerConn) close() { _ = p.conn.Close() }
+func (p *peerConn) close() {
+	p.cancel()
+	_ = p.conn.Close()
+}
 
 // formatLoads encodes per-pool loads for LoadHeader.
 func formatLoads(names []string, loads []float64) string {

@@ -41,6 +41,7 @@ const (
 	ReasonStreamRequired  = "STREAM_REQUIRED"
 	ReasonSessionRate     = "SESSION_RATE"
 	ReasonDraining        = "DRAINING"
+	ReasonCordoned        = "CORDONED"
 	// Cluster routing (docs/forwarding.md).
 	ReasonMayHaveExecuted  = "MAY_HAVE_EXECUTED"
 	ReasonUnsatisfiable    = "UNSATISFIABLE"
@@ -124,6 +125,8 @@ func toStatus(err error) error {
 		return withDetails(codes.Unavailable, err, info(ReasonPoolUnavailable, "pool", pue.Pool, "state", pue.State))
 	case errors.Is(err, ErrDraining):
 		return withDetails(codes.Unavailable, err, info(ReasonDraining))
+	case errors.Is(err, ErrCordoned):
+		return withDetails(codes.Unavailable, err, info(ReasonCordoned))
 	case errors.Is(err, ErrShuttingDown):
 		return withDetails(codes.Unavailable, err, info(ReasonShuttingDown))
 	case errors.As(err, &ee):
