@@ -148,8 +148,12 @@ type nvmlDevice interface {
 // whatever goes wrong with NVML lands in Inventory.GPUErr and in one log line
 // (info level when the library is simply absent, warn otherwise). Safe for
 // concurrent use; it takes about a second on hosts with many GPUs.
+//
+// The library is the real NVML (nvml_real.go). Only a test build (go build
+// -tags nvmlmock) can replace it with go-nvml's mock, see nvml_mock.go and
+// docs/hardware.md.
 func Detect(log zerolog.Logger) Inventory {
-	return detect(nvml.New(), log)
+	return detect(openNVML(log), log)
 }
 
 func detect(lib nvmlLib, log zerolog.Logger) Inventory {
