@@ -9,11 +9,13 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,6 +26,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/snakepit/snakepit/pkg/client"
+	"github.com/snakepit/snakepit/pkg/discovery"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
 
@@ -202,4 +205,83 @@ func startNodeTLS(t *testing.T, cfg Config, ca *testCA) string {
 		}
 	})
 	return addr
+}
+
+// A cluster with mutual TLS in which one listed peer's certificate was not
+// signed by the cluster CA: no call is ever routed to it, and none fails.
+// Sessions it would own start on their next owner; sessionless calls go to
+// the trusted nodes. (The entry node's handshake with it fails before any
+// request is sent, so each attempt is provably not started, and its
+// breaker ejects it.)
+func TestMutualTLSForeignPeerNeverRoutedTo(t *testing.T) {
+	if testing.Short() {
+		t.Skip("three nodes with workers")
+	}
+	ca := newTestCA(t, "cluster-ca")
+	foreign := newTestCA(t, "foreign-ca")
+	ids := []string{"node-0", "node-1", "node-x"}
+	addrs := make([]string, len(ids))
+	for i := range ids {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs[i] = l.Addr().String()
+		l.Close()
+	}
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		signer := ca
+		if id == "node-x" {
+			signer = foreign
+		}
+		cert, key := signer.issue(t, id)
+		cfg := testConfig(t, PoolConfig{Name: "test", Adapter: testAdapter(t, "tools.py"), Size: 1})
+		cfg.NodeID, cfg.Listen = id, addrs[i]
+		cfg.MetricsListen, cfg.AdminSocket = "off", "off"
+		cfg.NewSessionsPerSecond = -1
+		cfg.TLS = TLSConfig{CertFile: cert, KeyFile: key, ClientCAFile: signer.pem, ClientAuth: ClientAuthRequire}
+		if id == "node-x" {
+			// It would take any caller: only the entry node's check of
+			// its certificate keeps calls away from it.
+			cfg.TLS = TLSConfig{CertFile: cert, KeyFile: key}
+		}
+		cfg.Discovery = discovery.DefaultConfig()
+		for j := range ids {
+			if j != i {
+				cfg.Discovery.Static.Peers = append(cfg.Discovery.Static.Peers, discovery.StaticPeer{
+					ID: discovery.NodeID(ids[j]), Addr: addrs[j], Pools: map[string]int{"test": 1}})
+			}
+		}
+		wg.Go(func() { startNodeTLS(t, cfg, signer) })
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	cert, key := ca.issue(t, "caller")
+	entry := tlsDial(t, addrs[0], ca, cert, key)
+	owner := owners(t, ids, []int{1, 1, 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	toForeign := 0
+	for i := range 60 {
+		req := &snakepitv1.ExecuteRequest{Pool: "test", Tool: "noop"}
+		if i%2 == 0 {
+			req.SessionId = fmt.Sprintf("tls-%d", i)
+			if owner(req.SessionId) == "node-x" {
+				toForeign++
+			}
+		}
+		r, err := entry.Snakepit.Execute(ctx, req)
+		if err != nil {
+			t.Fatalf("call %d (session %q) through node-0: %v", i, req.SessionId, err)
+		}
+		if r.GetRanOn().GetNodeId() == "node-x" {
+			t.Fatalf("call %d ran on node-x, whose certificate the cluster CA did not sign", i)
+		}
+	}
+	if toForeign == 0 {
+		t.Fatal("no session owned by node-x: the check proves nothing")
+	}
 }
