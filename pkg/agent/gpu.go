@@ -32,9 +32,10 @@ type GPUConfig struct {
 const visibleDevicesVar = "CUDA_VISIBLE_DEVICES"
 
 // sharedSlotsAhead is how many worker slots of a shared (not exclusive) GPU
-// pool get an assignment: more than the configured size, so workers added
-// by a resize get GPUs too. Round-robin does not depend on the pool's size,
-// so the first size slots are assigned exactly as hw.Assign(size) would.
+// pool get an assignment: more than the configured size; slot i uses
+// assignment i mod sharedSlotsAhead, so workers added by a resize get GPUs
+// too. Round-robin does not depend on the pool's size, so the first size
+// slots are assigned exactly as hw.Assign(size) would.
 const sharedSlotsAhead = 1024
 
 // validate checks the gpus keys of the pool whose key is key ("pools[x]").
@@ -158,9 +159,24 @@ func applyGPUs(n *Node, inv hw.Inventory) error {
 	if err != nil {
 		return err
 	}
+	if len(inv.GPUs) > 0 {
+		n.gpuBook = newGPUBook(pools, plan, inv)
+	}
 	for _, name := range n.order {
 		p := n.pools[name]
 		p.gpus = plan[name]
+		if p.exclusiveGPUs() {
+			// The start-time slots take their groups in slot order, so
+			// worker i gets group i, as logged.
+			p.mu.Lock()
+			for _, s := range p.slots {
+				if s.gpus, err = n.gpuBook.take(p.cfg); err != nil {
+					p.mu.Unlock()
+					return err // planGPUs counted them: cannot happen
+				}
+			}
+			p.mu.Unlock()
+		}
 		for i, ids := range p.gpus {
 			if i < p.cfg.Size {
 				for _, id := range ids {

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -162,12 +163,19 @@ func (n *Node) applyIntentSizes() {
 			continue
 		}
 		p.mu.Lock()
-		p.slots = p.slots[:0]
-		for i := 0; i < size; i++ {
+		var dropped []*slot
+		if size < len(p.slots) {
+			dropped = slices.Clone(p.slots[size:])
+			p.slots = p.slots[:size]
+		}
+		for i := len(p.slots); i < size; i++ {
 			p.slots = append(p.slots, newSlot(worker.ID(i)))
 		}
 		p.nextSlot = worker.ID(size)
 		p.mu.Unlock()
+		for _, s := range dropped {
+			p.releaseGPUs(s)
+		}
 		n.log.Info().Str("pool", name).Int("size", size).Msg("pool size restored from operator intent")
 	}
 }

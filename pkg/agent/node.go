@@ -80,6 +80,9 @@ type Node struct {
 	procs    *procRecord
 	sessions atomic.Int64 // sessions of all pools
 	metrics  *metrics
+	// gpuBook records the GPUs held by exclusive GPU pools' slots; nil on
+	// a host without GPUs (set by applyGPUs, before Run).
+	gpuBook *gpuBook
 	intent   *intentStore
 	sessRate *clientLimiter
 	drainMu  sync.Mutex

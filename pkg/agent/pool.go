@@ -97,6 +97,11 @@ type slot struct {
 	stop         chan struct{}
 	stopDeadline time.Duration
 
+	// gpus are the GPUs an exclusive GPU pool's slot holds (from the
+	// node's gpuBook, given back when the slot is gone); guarded by
+	// Pool.mu.
+	gpus []string
+
 	// Crash accounting, guarded by Pool.mu.
 	crashes      []time.Time
 	lastCause    string
@@ -122,9 +127,10 @@ type Pool struct {
 	env  []string
 	// python is the interpreter's resolved path (see resolvePython).
 	python string
-	// gpus[i] lists the GPU UUIDs worker slot i may use (it becomes the
-	// worker's CUDA_VISIBLE_DEVICES); nil when the pool uses no GPU. Set
-	// before run and never changed.
+	// gpus is the start-time GPU assignment (planGPUs): for a shared GPU
+	// pool, slot i uses gpus[i % len(gpus)] (round-robin); an exclusive
+	// pool's slots take theirs from the node's gpuBook instead (slot.gpus).
+	// nil when the pool uses no GPU. Set before run and never changed.
 	gpus [][]string
 	wg   sync.WaitGroup // supervisors, drains and exit watchers
 
@@ -246,14 +252,54 @@ func (p *Pool) resolvePython(ctx context.Context) error {
 	return nil
 }
 
-// slotEnv is the environment of slot id's workers: the pool's, and the
-// slot's GPUs.
-func (p *Pool) slotEnv(id worker.ID) []string {
-	if int(id) >= len(p.gpus) || p.gpus[id] == nil {
-		return p.env
+// exclusiveGPUs reports whether the pool's slots hold GPUs of their own
+// (gpus.exclusive), booked in the node's gpuBook.
+func (p *Pool) exclusiveGPUs() bool {
+	return p.cfg.GPUs.Exclusive && p.cfg.GPUs.PerWorker > 0 && p.node.gpuBook != nil
+}
+
+// slotGPUsLocked returns the GPUs of slot s (nil: none or not yet taken).
+func (p *Pool) slotGPUsLocked(s *slot) []string {
+	if p.exclusiveGPUs() {
+		return s.gpus
 	}
-	v := strings.Join(p.gpus[id], ",")
-	return append(slices.Clip(p.env), "CUDA_VISIBLE_DEVICES="+v, "NVIDIA_VISIBLE_DEVICES="+v)
+	if len(p.gpus) == 0 {
+		return nil
+	}
+	return p.gpus[int(s.id)%len(p.gpus)]
+}
+
+// slotEnv is the environment of slot s's workers: the pool's, and the
+// slot's GPUs. An exclusive pool's slot takes its GPUs here, at its first
+// start, if a resize did not give it some already.
+func (p *Pool) slotEnv(s *slot) ([]string, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.exclusiveGPUs() && s.gpus == nil {
+		g, err := p.node.gpuBook.take(p.cfg)
+		if err != nil {
+			return nil, err
+		}
+		s.gpus = g
+	}
+	ids := p.slotGPUsLocked(s)
+	if ids == nil {
+		return p.env, nil
+	}
+	v := strings.Join(ids, ",")
+	return append(slices.Clip(p.env), "CUDA_VISIBLE_DEVICES="+v, "NVIDIA_VISIBLE_DEVICES="+v), nil
+}
+
+// releaseGPUs gives the GPUs of a slot that is gone back to the book.
+func (p *Pool) releaseGPUs(s *slot) {
+	if !p.exclusiveGPUs() {
+		return
+	}
+	p.mu.Lock()
+	ids := s.gpus
+	s.gpus = nil
+	p.mu.Unlock()
+	p.node.gpuBook.give(p.cfg.Name, ids)
 }
 
 // run supervises every slot of the pool until ctx is done, then stops the
@@ -282,6 +328,7 @@ func (p *Pool) startSupervisorLocked(ctx context.Context, s *slot) {
 	go func() {
 		defer p.wg.Done()
 		p.superviseSlot(ctx, s)
+		p.releaseGPUs(s)
 	}()
 }
 
@@ -537,6 +584,10 @@ func (p *Pool) startProc(ctx context.Context, s *slot) (*proc, error) {
 		return nil, err
 	}
 	defer p.node.startSem.release()
+	env, err := p.slotEnv(s)
+	if err != nil {
+		return nil, err
+	}
 	gen, err := p.node.nextGeneration()
 	if err != nil {
 		return nil, err
@@ -549,7 +600,7 @@ func (p *Pool) startProc(ctx context.Context, s *slot) (*proc, error) {
 		Python:            p.python,
 		Adapter:           p.cfg.Adapter,
 		Capacity:          p.cfg.Capacity,
-		Env:               p.slotEnv(s.id),
+		Env:               env,
 		Dir:               p.cfg.Dir,
 		MaxFrame:          p.node.cfg.MaxMessageBytes + 64<<10,
 		MaxResult:         p.node.cfg.MaxMessageBytes - responseOverhead,
@@ -1090,9 +1141,7 @@ func (p *Pool) status() PoolStatus {
 	}
 	for _, s := range p.slots {
 		ws := WorkerStatus{ID: s.id, Capacity: p.cfg.Capacity, State: "starting"}
-		if int(s.id) < len(p.gpus) {
-			ws.GPUs = p.gpus[s.id]
-		}
+		ws.GPUs = p.slotGPUsLocked(s)
 		if pr := s.cur; pr != nil {
 			ws.Generation = pr.w.Generation()
 			ws.PID = pr.w.PID()

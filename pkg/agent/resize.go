@@ -30,9 +30,23 @@ func (p *Pool) resize(size int, deadline time.Duration) (int, error) {
 	}
 	switch {
 	case size > prev:
+		if p.exclusiveGPUs() {
+			if free := p.node.gpuBook.available(p.cfg); free < size-prev {
+				return prev, &InvalidArgumentError{Field: "size", Reason: fmt.Sprintf(
+					"pool %q is exclusive with gpus.per_worker=%d: GPUs are free for %d more worker(s), not %d (every other GPU is held by a worker of an exclusive pool or used by a shared one; a retiring worker keeps its GPUs until it stops)",
+					p.cfg.Name, p.cfg.GPUs.PerWorker, free, size-prev)}
+			}
+		}
 		for i := prev; i < size; i++ {
 			s := newSlot(p.nextSlot)
 			p.nextSlot++
+			if p.exclusiveGPUs() {
+				g, err := p.node.gpuBook.take(p.cfg)
+				if err != nil {
+					return prev, err // available said there were enough
+				}
+				s.gpus = g
+			}
 			p.slots = append(p.slots, s)
 			p.startSupervisorLocked(p.runCtx, s)
 		}
