@@ -82,7 +82,7 @@ type Node struct {
 	metrics  *metrics
 	// gpuBook records the GPUs held by exclusive GPU pools' slots; nil on
 	// a host without GPUs (set by applyGPUs, before Run).
-	gpuBook *gpuBook
+	gpuBook  *gpuBook
 	intent   *intentStore
 	sessRate *clientLimiter
 	drainMu  sync.Mutex
