@@ -329,7 +329,9 @@ type Constraints struct {
 	Gpu bool `protobuf:"varint,1,opt,name=gpu,proto3" json:"gpu,omitempty"`
 	// min_gpu_memory_bytes requires a GPU with at least this much memory.
 	MinGpuMemoryBytes uint64 `protobuf:"varint,2,opt,name=min_gpu_memory_bytes,json=minGpuMemoryBytes,proto3" json:"min_gpu_memory_bytes,omitempty"`
-	// gpu_model requires a GPU whose model name contains this string.
+	// gpu_model requires a GPU whose model name equals this string, ignoring
+	// case (the name NVML reports, as `spctl nodes` shows it, e.g.
+	// "NVIDIA H100 80GB HBM3").
 	GpuModel string `protobuf:"bytes,3,opt,name=gpu_model,json=gpuModel,proto3" json:"gpu_model,omitempty"`
 	// labels must all be present on the node with these values.
 	Labels        map[string]string `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
