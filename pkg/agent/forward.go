@@ -44,11 +44,13 @@ const (
 	DefaultRetryBudgetRatio = 0.1
 	DefaultRetryBudgetMin   = 10
 	// DefaultLoadRefreshInterval is how often a peer that sent no answer
-	// recently is asked for its health and load.
+	// recently is asked for its health and load; it also bounds each
+	// liveness probe of a peer that let a call time out.
 	DefaultLoadRefreshInterval = time.Second
-	// DefaultBreakerFailures consecutive failed or timed-out calls to a peer
-	// eject it from this node's choices for DefaultBreakerBackoff; then one
-	// probe decides whether it is readmitted.
+	// DefaultBreakerFailures consecutive failures to a peer (lost
+	// connections, failed health checks or liveness probes) eject it from
+	// this node's choices for DefaultBreakerBackoff; then one probe decides
+	// whether it is readmitted.
 	DefaultBreakerFailures = 3
 	DefaultBreakerBackoff  = 5 * time.Second
 	// DefaultMaxCandidates is how many nodes one call may be tried on.
