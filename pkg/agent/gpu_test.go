@@ -199,30 +199,7 @@ func TestGPUAssignmentReachesWorkers(t *testing.T) {
 		PoolConfig{Name: "serve", Adapter: adapter, Size: 2, GPUs: GPUConfig{PerWorker: 1}},
 		PoolConfig{Name: "cpu", Adapter: adapter, Size: 1},
 	)
-	n, err := New(cfg, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := applyGPUs(n, inv); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- n.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-runErr; err != nil {
-			t.Errorf("Run = %v", err)
-		}
-	})
-	select {
-	case <-n.Ready():
-	case err := <-runErr:
-		runErr <- err
-		t.Fatalf("Run before ready: %v", err)
-	case <-time.After(60 * time.Second):
-		t.Fatal("node not ready within 60s")
-	}
+	n, ctx := runGPUNode(t, cfg, inv)
 
 	// What each worker process sees, by pid.
 	seen := func(pool string, workers int) map[int]*string {
@@ -306,6 +283,37 @@ func TestGPUAssignmentReachesWorkers(t *testing.T) {
 	if w := status["cpu"].Workers[0]; len(w.GPUs) != 0 {
 		t.Errorf("cpu pool worker status GPUs = %v, want none", w.GPUs)
 	}
+}
+
+// runGPUNode runs a node (no gRPC) on the inventory inv until the test
+// ends, and returns it once ready, with a context that ends with the test.
+func runGPUNode(t *testing.T, cfg Config, inv hw.Inventory) (*Node, context.Context) {
+	t.Helper()
+	n, err := New(cfg, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := applyGPUs(n, inv); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- n.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-runErr; err != nil {
+			t.Errorf("Run = %v", err)
+		}
+	})
+	select {
+	case <-n.Ready():
+	case err := <-runErr:
+		runErr <- err
+		t.Fatalf("Run before ready: %v", err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("node not ready within 60s")
+	}
+	return n, ctx
 }
 
 func deref(s *string) string {

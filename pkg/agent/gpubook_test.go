@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -10,8 +9,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/rs/zerolog"
 )
 
 // The book hands an exclusive pool its start-time groups first, in order,
@@ -89,30 +86,7 @@ func TestExclusiveGPUPoolResize(t *testing.T) {
 		PoolConfig{Name: "train", Adapter: adapter, Size: 2, GPUs: GPUConfig{PerWorker: 1, Exclusive: true}},
 		PoolConfig{Name: "serve", Adapter: adapter, Size: 1, GPUs: GPUConfig{PerWorker: 1, Pinned: uuids(inv, 7)}},
 	)
-	n, err := New(cfg, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := applyGPUs(n, inv); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- n.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-runErr; err != nil {
-			t.Errorf("Run = %v", err)
-		}
-	})
-	select {
-	case <-n.Ready():
-	case err := <-runErr:
-		runErr <- err
-		t.Fatalf("Run before ready: %v", err)
-	case <-time.After(60 * time.Second):
-		t.Fatal("node not ready within 60s")
-	}
+	n, _ := runGPUNode(t, cfg, inv)
 	// check waits until pool train has size ready workers, then checks
 	// that every worker of the node sees exactly its GPUs (as the kernel
 	// has its environment) and that no GPU of train is seen twice.
@@ -160,7 +134,7 @@ func TestExclusiveGPUPoolResize(t *testing.T) {
 		t.Fatalf("grow to 7 (2 own + 5 spare GPUs): %v", err)
 	}
 	check(7)
-	_, err = n.Resize("train", 8, time.Second)
+	_, err := n.Resize("train", 8, time.Second)
 	var iae *InvalidArgumentError
 	if !errors.As(err, &iae) || !strings.Contains(err.Error(), "GPUs are free for 0 more worker(s), not 1") {
 		t.Fatalf("grow to 8 with every GPU held = %v, want an error saying none is free", err)
