@@ -56,11 +56,21 @@ type daemonProc struct {
 
 func startDaemon(t *testing.T, bin, dir string, args ...string) *daemonProc {
 	t.Helper()
+	return startDaemonEnv(t, bin, dir, nil, args...)
+}
+
+// startDaemonEnv is startDaemon with extra environment variables for the
+// daemon (and so its workers).
+func startDaemonEnv(t *testing.T, bin, dir string, env []string, args ...string) *daemonProc {
+	t.Helper()
 	listenFile := filepath.Join(dir, "addr")
 	_ = os.Remove(listenFile) // left by an earlier run in the same dir
 	cmd := exec.Command(bin, append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--state-dir", filepath.Join(dir, "state"),
 		"--listen-file", listenFile, "--log-format", "json"}, args...)...)
 	cmd.Dir = dir
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	var stderr bytes.Buffer
 	out := &lockedWriter{w: &stderr}
 	cmd.Stderr = out

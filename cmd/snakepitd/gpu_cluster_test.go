@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -49,52 +48,6 @@ func buildMockDaemon(t *testing.T) string {
 	return bin
 }
 
-// startDaemonEnv is startDaemon with extra environment variables for the
-// daemon (and so its workers). stderr reads the daemon's log so far, also
-// while it runs.
-func startDaemonEnv(t *testing.T, bin, dir string, env []string, args ...string) (d *daemonProc, stderr func() string) {
-	t.Helper()
-	listenFile := filepath.Join(dir, "addr")
-	cmd := exec.Command(bin, append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--state-dir", filepath.Join(dir, "state"),
-		"--listen-file", listenFile, "--log-format", "json"}, args...)...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), env...)
-	var buf bytes.Buffer
-	lw := &lockedWriter{w: &buf}
-	cmd.Stderr = lw
-	stderr = func() string {
-		lw.mu.Lock()
-		defer lw.mu.Unlock()
-		return buf.String()
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	d = &daemonProc{cmd: cmd, stderr: &buf, exited: make(chan error, 1)}
-	go func() { d.exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-d.exited
-	})
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if b, err := os.ReadFile(listenFile); err == nil && bytes.HasSuffix(b, []byte("\n")) {
-			d.addr = strings.TrimSpace(string(b))
-			return d, stderr
-		}
-		select {
-		case err := <-d.exited:
-			d.exited <- err
-			return d, stderr
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("snakepitd did not listen within 60s; stderr:\n%s", stderr())
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // startClusterNodeEnv is startClusterNode with extra environment variables;
 // stderr reads the node's log so far.
 func startClusterNodeEnv(t *testing.T, bin, id, cfg string, env ...string) (n *clusterNode, stderr func() string) {
@@ -104,7 +57,8 @@ func startClusterNodeEnv(t *testing.T, bin, id, cfg string, env ...string) (n *c
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d, stderr := startDaemonEnv(t, bin, dir, env, "--config", path)
+	d := startDaemonEnv(t, bin, dir, env, "--config", path)
+	stderr = d.out.String
 	if d.addr == "" {
 		err := <-d.exited
 		d.exited <- err
@@ -167,7 +121,8 @@ func TestGPUConstraintsCluster(t *testing.T) {
 		if err := os.WriteFile(cfg, []byte("pools:\n"+gpuNodePools), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		d, stderr := startDaemonEnv(t, bin, dir, []string{mockEnvVar, mockGPUsEnvVar}, "--config", cfg)
+		d := startDaemonEnv(t, bin, dir, []string{mockEnvVar, mockGPUsEnvVar}, "--config", cfg)
+		stderr := d.out.String
 		select {
 		case err := <-d.exited:
 			d.exited <- err
