@@ -10,10 +10,11 @@ import (
 // processes, restarts, daemon versions and CPU architectures, so:
 //
 //   - the string hash has fixed constants (no per-process seed);
-//   - the logarithm uses only IEEE-754 +, -, *, / with every product that
-//     feeds an addition wrapped in float64(), which the Go spec defines to
-//     round, so no compiler may fuse it into an FMA (arm64, ppc64 and s390x
-//     would otherwise round differently from amd64);
+//   - the logarithm uses only integer operations, IEEE-754 +, -, *, / and
+//     tables that the same operations build at start-up, with every product
+//     that feeds an addition wrapped in float64(), which the Go spec
+//     defines to round, so no compiler may fuse it into an FMA (arm64,
+//     ppc64 and s390x would otherwise round differently from amd64);
 //   - any change to these functions remaps sessions and is a breaking change
 //     of the routing contract (TestGoldenOwners pins them).
 
@@ -85,6 +86,57 @@ func draw(sessionHash, peerKey uint64) uint64 {
 // peerKey is the per-peer input of draw.
 func peerKey(id NodeID) uint64 { return hashString(string(id)) ^ k2 }
 
+// negLog returns about -ln(n·2^-53) for n in [1, 2^53): an Exp(1) draw
+// from the uniform u = n·2^-53. Ranking scores every peer of a small pool
+// with it, so it is short, and has no branch and no division.
+//
+// float64(n) = M·2^(e-1023) exactly, M in [1, 2). The top 8 bits of M's
+// fraction pick j, an interval of width 1/256, whose midpoint c has the
+// rounded inverse logInvC[j] and ln(1/logInvC[j]) = logLnC[j], and
+//
+//	-ln(u) = (1076-e)·ln2 - logLnC[j] - ln(1+r),  r = M·logInvC[j] - 1,
+//
+// |r| <= 2^-9, ln(1+r) by three terms of its series, r - r²/2 + r³/3
+// (relative error below r³/4: 2e-9, TestNegLog). The last interval, M just
+// below 2, takes c = 2: there r = M/2 - 1 is exact, and for u in
+// [1-2^-9, 1), where the winners among many peers are, the first two terms
+// cancel exactly (ln2 - ln2), so -ln(u) = -ln(1+r) = v + v²/2 + v³/3 with
+// v = 1-u keeps its relative accuracy as u -> 1 and is never below v, which
+// pruning relies on. As in the rest of this file, every product feeding an
+// addition is wrapped in float64() so that no compiler fuses it.
+func negLog(n uint64) float64 {
+	b := math.Float64bits(float64(int64(n))) // exact: n < 2^53
+	j := uint8(b >> 44)
+	r := float64(math.Float64frombits(b&(1<<52-1)|1023<<52)*logInvC[j]) - 1
+	l := r + float64(float64(r*r)*float64(float64(r*(1.0/3))-0.5))
+	return zLn2[uint8(b>>52)] - logLnC[j] - l
+}
+
+// logInvC[j] is, for M in [1+j/256, 1+(j+1)/256), 1/c rounded, with c the
+// interval's midpoint (2 for the last one); logLnC[j] is ln(1/logInvC[j])
+// (the log of the rounded inverse, not of c, so that rounding costs
+// nothing). zLn2[uint8(e)] is (1076-e)·ln2 for the exponents e of
+// float64(n), 1023 to 1075. All are computed once by deterministic
+// arithmetic (negLogExact), never modified.
+var logInvC, logLnC = func() (inv, ln [256]float64) {
+	for j := range inv {
+		c := 1 + float64((float64(j)+0.5)/256)
+		if j == 255 {
+			c = 2
+		}
+		inv[j] = 1 / c                                               // in [1/2, 1)
+		ln[j] = negLogExact(uint64(int64(float64(inv[j] * 0x1p53)))) // exact
+	}
+	return inv, ln
+}()
+
+var zLn2 = func() (z [256]float64) {
+	for e := 1023; e <= 1075; e++ {
+		z[uint8(e)] = float64(1076-e) * math.Ln2
+	}
+	return z
+}()
+
 // Coefficients of the fdlibm logarithm (also Go's math.Log).
 const (
 	ln2Hi = 6.93147180369123816490e-01 // 3fe62e42 fee00000
@@ -98,9 +150,10 @@ const (
 	lg7   = 1.479819860511658591e-01   // 3FC2F112 DF3E5244
 )
 
-// negLog returns -ln(n·2^-53) for n in [1, 2^53): the fdlibm algorithm
-// (error below 1 ulp) written so that it rounds identically everywhere.
-func negLog(n uint64) float64 {
+// negLogExact returns -ln(n·2^-53) for n in [1, 2^53): the fdlibm
+// algorithm (error below 1 ulp) written so that it rounds identically
+// everywhere. It builds logLnC.
+func negLogExact(n uint64) float64 {
 	b := math.Float64bits(float64(n)) // exact: n < 2^53
 	e := int(b>>52) - 1023            // float64(n) = m·2^e, m in [1, 2)
 	m := math.Float64frombits(b&(1<<52-1) | 1023<<52)
@@ -121,65 +174,41 @@ func negLog(n uint64) float64 {
 	return -ln
 }
 
-// Scoring. A peer's rendezvous score is -ln(u)/w, computed by score() from
-// two small tables with linear interpolation, with no division and no call:
-//
-//   - u >= 1/2 (every contender once a handful of peers has been seen):
-//     with v = 1-u (exact), -ln(1-v) = v·g(v), g(v) = 1 + v/2 + v²/3 + ...
-//     smooth on [0, 1/2]; relative error below 2e-6, also as v -> 0.
-//   - u < 1/2: u = m·2^-e with m in [1, 2), -ln(u) = e·ln2 - ln(m), ln(m)
-//     from the second table; absolute error below 2e-6 on a value >= ln 2.
-//
-// Both grids come from negLog, so they are the same everywhere. An error of
-// 3e-6 shifts a peer's share of sessions by at most about that fraction of
-// itself, far below anything measurable; the rendezvous properties
-// (stability, only the leaving peer's keys move) do not depend on accuracy.
-
+// Ranking keys. A peer's score is negLog(draw)/slots. Rank compares scores
+// as integers: a positive float64's bits order like its value, so the key
+// is the score's bits with the low idxBits replaced by the peer's position
+// in its span. Truncating the score there (to 32 significant bits, a
+// relative step of 2^-32, below negLog's error) makes every key unique and
+// breaks ties by position, that is by ID (spans follow the Table's order,
+// which is by ID), as the contract says; and an integer minimum compiles to
+// a conditional move, so the top-k insertion has no branch to mispredict.
 const (
-	tableBits = 8
-	tableSize = 1 << tableBits // intervals per table
-	// v = vi·2^-53 with vi < 2^52: its top tableBits bits pick the
-	// interval of the g table, the gShift bits below them the position.
-	gShift = 53 - 1 - tableBits
+	idxBits = 20
+	idxMask = 1<<idxBits - 1
+	// maxPeers is the most peers a Table may hold: a position must fit in
+	// a key's idxBits.
+	maxPeers = 1 << idxBits
 )
 
-type tableEntry struct{ y, slope float64 }
+// scoreKey returns the ranking key of the peer at position pos whose draw
+// is d and whose w is 2^-53/slots (hotSlot.w): negLog(d)·w is the score
+// scaled by 2^-53, exactly (scaling by a power of two commutes with
+// rounding), which orders the same. The ranking loops inline it by hand.
+func scoreKey(d uint64, w float64, pos int) uint64 {
+	return math.Float64bits(negLog(d)*w)&^idxMask | uint64(pos)
+}
 
-// gTable holds g at v = i/(2·tableSize); lnTable holds ln(m) at
-// m = 1 + i/tableSize. Computed once by deterministic arithmetic; never
-// modified.
-var gTable, lnTable = func() (g, ln [tableSize + 1]tableEntry) {
-	for i := range g {
-		if i == 0 {
-			g[i].y = 1
-		} else {
-			vi := uint64(i) << gShift // v·2^53
-			g[i].y = negLog(1<<53-vi) / (float64(vi) * 0x1p-53)
-		}
-		// ln(m) = -ln(m/2) - ln 2, with m/2 = n·2^-53.
-		ln[i].y = negLog(1<<52) - negLog(uint64(tableSize+i)<<(52-tableBits))
-	}
-	for i := range tableSize {
-		g[i].slope = g[i+1].y - g[i].y
-		ln[i].slope = ln[i+1].y - ln[i].y
-	}
-	return g, ln
-}()
+// keyScore returns the score a key stands for (truncated as in the key).
+func keyScore(key uint64) float64 {
+	return math.Float64frombits(key&^idxMask) * 0x1p53
+}
 
-// score returns about -ln(d·2^-53)·invW for a draw d (see draw). The
-// rendezvous loop inlines its first case; both must stay identical.
-func score(d uint64, invW float64) float64 {
-	vi := 1<<53 - d // (1-u)·2^53, in [1, 2^53)
-	if vi < 1<<52 { // u > 1/2
-		lb := float64(float64(int64(vi))*0x1p-53) * invW
-		e := &gTable[vi>>gShift]
-		g := e.y + float64(float64(vi&(1<<gShift-1))*(1.0/(1<<gShift))*e.slope)
-		return lb * g
-	}
-	l := bits.Len64(d)      // u = m·2^(l-54), m in [1, 2)
-	m := d << (64 - l) << 1 // fraction bits of m, left-aligned
-	e := &lnTable[m>>(64-tableBits)]
-	frac := float64(m<<tableBits>>11) * 0x1p-53
-	lnm := e.y + float64(frac*e.slope)
-	return (float64(float64(54-l)*math.Ln2) - lnm) * invW
+// pruneBound returns the float64 b such that a peer with 1-u = v·2^-53
+// and v·w > b (w as in scoreKey) cannot have a key below key. -ln(u) >=
+// (1-u)·(1 + (1-u)/2), and negLog keeps that margin up to its rounding
+// error (a few ulps; its series is cut well below the margin), which the
+// 2^-32 relative slack added here, over the key's own truncation step,
+// covers many times.
+func pruneBound(key uint64) float64 {
+	return math.Float64frombits(key|idxMask+2<<idxBits) * 0x1p53
 }

@@ -3,6 +3,7 @@ package router
 import (
 	"cmp"
 	"fmt"
+	"math"
 	"slices"
 	"testing"
 )
@@ -55,7 +56,10 @@ func referenceRank(t *Table, req Request) []NodeID {
 		if !t.usable(sl.idx, &f) {
 			continue
 		}
-		all = append(all, Candidate{ID: t.peers[sl.idx].ID, Index: int(sl.idx), Score: score(draw(h, sl.hash), sl.invW)})
+		// -ln(u)·(1/slots), truncated to 32 significant bits.
+		sc := negLog(draw(h, sl.hash)) * (1 / float64(t.peers[sl.idx].Pools[req.Pool]))
+		sc = math.Float64frombits(math.Float64bits(sc) &^ (1<<20 - 1))
+		all = append(all, Candidate{ID: t.peers[sl.idx].ID, Index: int(sl.idx), Score: sc})
 	}
 	slices.SortFunc(all, func(a, b Candidate) int {
 		return cmp.Or(cmp.Compare(a.Score, b.Score), cmp.Compare(a.ID, b.ID))

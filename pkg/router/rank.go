@@ -131,7 +131,13 @@ func (t *Table) Rank(req Request, loads Loads, dst []Candidate) ([]Candidate, er
 	dst = slices.Grow(dst, k)
 	var n int
 	if req.SessionID != "" {
-		n = t.rendezvous(s, &req, dst[base:base+k])
+		out := dst[base : base+k]
+		if k <= 3 && len(req.Exclude) == 0 && req.Need.isZero() {
+			t.rendezvous3(s, hashString(req.SessionID), out)
+			n = k
+		} else {
+			n = t.rendezvous(s, &req, out)
+		}
 	} else {
 		n = t.twoChoices(s, &req, loads, dst[base:base+k])
 	}
@@ -232,54 +238,109 @@ func hasModel(p *Peer, model string) bool {
 	return false
 }
 
-// pruneSlack widens the pruning bound so that rounding can never skip a
-// peer whose exact score would have made the cut (see rendezvous).
-const pruneSlack = 1 + 0x1p-30
+// Session ranking. Each peer's score is E/w where E = -ln(u) is an Exp(1)
+// draw from the hash of (session, peer) (negLog of draw) and w the peer's
+// slots: the minimum of such independent exponentials falls on peer i with
+// probability w_i/Σw, which is weighted rendezvous hashing. Peers are
+// compared by key (scoreKey: the score's bits with the peer's position in
+// its span, which is in ID order, in the low bits), so ties go to the
+// lower ID and the order is total.
+//
+// Only the best k are kept. The first peers are all scored, without a
+// branch: the score is branch-free and the top-k insertion uses integer
+// min/max (conditional moves), so nothing is mispredicted while the best
+// keys are still changing often. After them, as -ln(u) >= 1-u, the cheap
+// bound (1-u)/w, one multiply, rejects nearly every peer whose key cannot
+// beat the k-th best (pruneBound); only the rare survivors are scored.
+
+// fullScan is how many peers are scored before pruning starts: pruning
+// the first few rejects too few peers to pay for its mispredicted branch.
+const fullScan = 16
+
+// rendezvous3 ranks, for k = len(out) <= 3 and no per-call filter, every
+// peer of s (at least k) for the session whose hash is h.
+func (t *Table) rendezvous3(s *span, h uint64, out []Candidate) {
+	hk := h ^ k1
+	hot := s.hot
+	n := min(len(hot), fullScan)
+	t0, t1, t2 := scan3(hot[:n], hk)
+	if n < len(hot) {
+		t0, t1, t2 = prune3(hot, n, hk, len(out), t0, t1, t2)
+	}
+	top := [3]uint64{t0, t1, t2}
+	for i := range out {
+		out[i] = Candidate{Index: int(s.slots[top[i]&idxMask].idx), Score: keyScore(top[i])}
+	}
+}
+
+// scan3 returns the three lowest keys of hot (MaxUint64 for missing ones)
+// for the session hash hk (xored with k1), scoring every peer.
+func scan3(hot []hotSlot, hk uint64) (t0, t1, t2 uint64) {
+	t0, t1, t2 = math.MaxUint64, math.MaxUint64, math.MaxUint64
+	for i := range hot {
+		h := &hot[i]
+		x := math.Float64bits(negLog(mum(hk, h.hash)>>11|1)*h.w)&^idxMask | uint64(i)
+		t2 = max(t1, min(x, t2))
+		t1 = max(t0, min(x, t1))
+		t0 = min(x, t0)
+	}
+	return t0, t1, t2
+}
+
+// prune3 goes on from scan3 over hot[from:], keeping the k <= 3 lowest
+// keys; peers whose bound shows that they cannot make the cut are skipped
+// without being scored.
+func prune3(hot []hotSlot, from int, hk uint64, k int, t0, t1, t2 uint64) (uint64, uint64, uint64) {
+	worst := t2
+	if k == 1 {
+		worst = t0
+	} else if k == 2 {
+		worst = t1
+	}
+	cut := pruneBound(worst)
+	rest := hot[from:]
+	for i := range rest {
+		h := &rest[i]
+		d := mum(hk, h.hash)>>11 | 1
+		if float64(float64(int64(1<<53-d))*h.w) <= cut {
+			x := math.Float64bits(negLog(d)*h.w)&^idxMask | uint64(from+i)
+			t2 = max(t1, min(x, t2))
+			t1 = max(t0, min(x, t1))
+			t0 = min(x, t0)
+			worst = t2
+			if k == 1 {
+				worst = t0
+			} else if k == 2 {
+				worst = t1
+			}
+			cut = pruneBound(worst)
+		}
+	}
+	return t0, t1, t2
+}
 
 // rendezvous fills out (len k) with the k best eligible peers of s for the
-// session and returns how many it found.
-//
-// Each peer's score is E/w where E = -ln(u) is an Exp(1) draw from the
-// hash of (session, peer) and w the peer's slots: the minimum of such
-// independent exponentials falls on peer i with probability w_i/Σw, which
-// is weighted rendezvous hashing. Only the best k are kept, in a small
-// sorted array. As -ln(u) >= 1-u, the cheap bound (1-u)/w rejects most
-// peers without scoring them: once k candidates are held, a peer is scored
-// only if its bound is below the k-th score (with a relative slack of
-// 2^-30, far above the few ulps of rounding in either value).
+// session and returns how many it found: the general case of rendezvous3,
+// with per-call filters and any k. Filters are checked only for the peers
+// that would make the cut.
 func (t *Table) rendezvous(s *span, req *Request, out []Candidate) int {
-	h := hashString(req.SessionID)
+	hk := hashString(req.SessionID) ^ k1
 	k := len(out)
-	var stack [8]entry
+	var stack [16]uint64
 	top := stack[:0]
 	if k > len(stack) {
-		top = make([]entry, 0, k)
+		top = make([]uint64, 0, k)
 	}
-	worst, cut := math.Inf(1), math.Inf(1)
+	cut := math.Inf(1)
 	f := newFilter(req)
-	slots := s.slots
-	for i := range slots {
-		sl := &slots[i]
-		d := draw(h, sl.hash)
-		// 1-u = (2^53-d)·2^-53 (exact) bounds -ln(u) from below.
-		vi := 1<<53 - d
-		lb := float64(float64(int64(vi))*0x1p-53) * sl.invW
-		if lb > cut {
+	for i := range s.hot {
+		h := &s.hot[i]
+		d := mum(hk, h.hash)>>11 | 1
+		if float64(float64(int64(1<<53-d))*h.w) > cut {
 			continue
 		}
-		var sc float64
-		if vi < 1<<52 {
-			// score's common case, inlined: lb·g(v), g >= 1, so sc >= lb.
-			e := &gTable[vi>>gShift]
-			g := e.y + float64(float64(vi&(1<<gShift-1))*(1.0/(1<<gShift))*e.slope)
-			sc = lb * g
-		} else {
-			sc = score(d, sl.invW)
-		}
-		if sc > worst || sc == worst && t.peers[sl.idx].ID > t.peers[top[k-1].idx].ID {
-			continue
-		}
-		if f.on && !t.usable(sl.idx, &f) {
+		x := math.Float64bits(negLog(d)*h.w)&^idxMask | uint64(i)
+		if len(top) == k && x > top[k-1] || f.on && !t.usable(s.slots[i].idx, &f) {
 			continue
 		}
 		j := len(top)
@@ -288,35 +349,19 @@ func (t *Table) rendezvous(s *span, req *Request, out []Candidate) int {
 		} else {
 			j--
 		}
-		for j > 0 && t.before(sc, sl.idx, top[j-1]) {
+		for j > 0 && x < top[j-1] {
 			top[j] = top[j-1]
 			j--
 		}
-		top[j] = entry{score: sc, idx: sl.idx}
+		top[j] = x
 		if len(top) == k {
-			worst = top[k-1].score
-			cut = worst * pruneSlack
+			cut = pruneBound(top[k-1])
 		}
 	}
-	for i, e := range top {
-		out[i] = Candidate{Index: int(e.idx), Score: e.score}
+	for i, x := range top {
+		out[i] = Candidate{Index: int(s.slots[x&idxMask].idx), Score: keyScore(x)}
 	}
 	return len(top)
-}
-
-// entry is a ranked peer while ranking.
-type entry struct {
-	score float64
-	idx   int32
-}
-
-// before orders by score, then by ID, so the order is total and the same
-// on every router.
-func (t *Table) before(score float64, idx int32, e entry) bool {
-	if score != e.score {
-		return score < e.score
-	}
-	return t.peers[idx].ID < t.peers[e.idx].ID
 }
 
 // pick maps r uniformly onto [0, n).

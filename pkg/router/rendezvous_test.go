@@ -182,6 +182,68 @@ func TestRankMinimalDisruption(t *testing.T) {
 	}
 }
 
+// TestRankStableUnderUnrelatedChanges: adding a peer (which shifts the
+// positions of the peers after it), removing one, changing one's slots or
+// health never reorders the other peers. Max covers both the unfiltered
+// top-3 loop and the general one, which must agree.
+func TestRankStableUnderUnrelatedChanges(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 10))
+	peers := uniform(40, 1)
+	for i := range peers {
+		peers[i].Pools["p"] = 1 + r.IntN(8)
+	}
+	base := mustTable(t, peers, "")
+	changed := map[string][]Peer{
+		"added":   append(slices.Clone(peers), Peer{ID: "node-0005a", Healthy: true, Pools: map[string]int{"p": 3}}),
+		"removed": slices.Delete(slices.Clone(peers), 7, 8),
+		"resized": func() []Peer {
+			ps := slices.Clone(peers)
+			ps[12].Pools = map[string]int{"p": 50}
+			return ps
+		}(),
+		"unhealthy": func() []Peer {
+			ps := slices.Clone(peers)
+			ps[20].Healthy = false
+			return ps
+		}(),
+	}
+	// restrict keeps the ids of a ranking that are eligible in both tables.
+	restrict := func(ids []NodeID, keep map[NodeID]bool) []NodeID {
+		var out []NodeID
+		for _, id := range ids {
+			if keep[id] {
+				out = append(out, id)
+			}
+		}
+		return out
+	}
+	for name, ps := range changed {
+		t.Run(name, func(t *testing.T) {
+			other := mustTable(t, ps, "")
+			common := map[NodeID]bool{}
+			for _, p := range ps {
+				if j, ok := base.Index(p.ID); ok && p.Healthy && base.Peer(j).Healthy && p.Pools["p"] == base.Peer(j).Pools["p"] {
+					common[p.ID] = true
+				}
+			}
+			for i := range 1000 {
+				id := sessionKey(i)
+				a, _ := base.Rank(Request{SessionID: id, Pool: "p", Max: 64}, nil, nil)
+				b, _ := other.Rank(Request{SessionID: id, Pool: "p", Max: 64}, nil, nil)
+				if x, y := restrict(ids(a), common), restrict(ids(b), common); !slices.Equal(x, y) {
+					t.Fatalf("%q: common peers ordered %v, then %v", id, x, y)
+				}
+				for _, max := range []int{1, 2, 3} {
+					c, _ := other.Rank(Request{SessionID: id, Pool: "p", Max: max}, nil, nil)
+					if !slices.Equal(ids(c), ids(b)[:max]) {
+						t.Fatalf("%q Max %d: %v, want the prefix of %v", id, max, ids(c), ids(b))
+					}
+				}
+			}
+		})
+	}
+}
+
 func TestRankStateFilters(t *testing.T) {
 	peers := uniform(12, 2)
 	peers[1].Healthy = false

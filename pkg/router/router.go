@@ -101,14 +101,21 @@ type pool struct {
 
 type span struct {
 	slots []slot
-	local int // position of the local node in slots, -1 if absent
+	hot   []hotSlot // the same peers, what session ranking reads
+	local int       // position of the local node in slots, -1 if absent
 }
 
-// slot is one eligible peer in the hot loop.
+// slot is one eligible peer.
 type slot struct {
+	hash uint64 // peerKey(ID)
+	idx  int32  // peer index
+}
+
+// hotSlot is one eligible peer as session ranking reads it: 16 bytes, so
+// that a cache line holds four.
+type hotSlot struct {
 	hash uint64  // peerKey(ID)
-	invW float64 // 1 / slots
-	idx  int32   // peer index
+	w    float64 // 2^-53 / slots: scales 1-u = v·2^-53 and the score
 }
 
 // NewTable builds a Table from peers (in any order) for a router running on
@@ -119,6 +126,9 @@ type slot struct {
 //
 // The Table keeps its own copy of peers' maps and slices.
 func NewTable(peers []Peer, local NodeID) (*Table, error) {
+	if len(peers) > maxPeers {
+		return nil, fmt.Errorf("%w: %d peers, at most %d", ErrInvalidPeer, len(peers), maxPeers)
+	}
 	t := &Table{local: -1, pools: make(map[string]*pool)}
 	t.peers = make([]peer, len(peers))
 	for i, p := range peers {
@@ -166,10 +176,10 @@ func NewTable(peers []Peer, local NodeID) (*Table, error) {
 			if n == 0 || p.Cordoned || p.Draining || !p.compatible {
 				continue
 			}
-			s := slot{hash: p.hash, invW: 1 / float64(n), idx: int32(i)}
-			pl.any.add(s, i == t.local)
+			s, h := slot{hash: p.hash, idx: int32(i)}, hotSlot{hash: p.hash, w: 0x1p-53 / float64(n)}
+			pl.any.add(s, h, i == t.local)
 			if p.Healthy {
-				pl.ready.add(s, i == t.local)
+				pl.ready.add(s, h, i == t.local)
 			}
 		}
 	}
@@ -194,11 +204,12 @@ func (t *Table) pool(name string) *pool {
 	return t.pools[name]
 }
 
-func (s *span) add(sl slot, local bool) {
+func (s *span) add(sl slot, h hotSlot, local bool) {
 	if local {
 		s.local = len(s.slots)
 	}
 	s.slots = append(s.slots, sl)
+	s.hot = append(s.hot, h)
 }
 
 func protoOverlap(a, b Peer) bool {
