@@ -18,6 +18,7 @@ import (
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/snakepit/snakepit/pkg/client"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
 
@@ -75,14 +76,14 @@ var errNoAnswer = errors.New("no answer before the caller's deadline")
 func dialPeer(id, addr string, cfg RouterConfig, creds grpc.DialOption, onChange func(id string, to gobreaker.State)) (*peerConn, error) {
 	p := &peerConn{id: id, addr: addr, probeTO: cfg.LoadRefreshInterval, failures: cfg.BreakerFailures}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
-	conn, err := grpc.NewClient("passthrough:///"+addr, creds,
+	conn, err := grpc.NewClient("passthrough:///"+addr, append(client.FlowControl(), creds,
 		grpc.WithStatsHandler(sentTracker{}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(DefaultMaxMessageBytes*2), grpc.MaxCallSendMsgSize(DefaultMaxMessageBytes*2)),
 		// A peer that stops answering (SIGSTOP, a dead link) is noticed
 		// within Time+Timeout even when no call is running; the servers'
 		// enforcement policy allows pings every 5s.
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 5 * time.Second, Timeout: 2 * time.Second, PermitWithoutStream: true}),
-	)
+	)...)
 	if err != nil {
 		return nil, err
 	}

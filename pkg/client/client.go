@@ -81,6 +81,28 @@ func Address(flag string) string {
 	return DefaultAddress
 }
 
+// Flow-control windows of snakepit's gRPC connections, fixed on both sides
+// (daemon servers, peer connections and this client). Any fixed window
+// turns off grpc-go's bandwidth-delay estimation, which sends a PING (and
+// gets its ACK) with nearly every small message received: twice the
+// packets, wake-ups and system calls of a unary call on a LAN or loopback.
+// Measured on loopback (docs/benchmarks.md): a no-op call's p50 drops by
+// about 35 us, a forwarded one's by about 55 us. The sizes are what the
+// estimation would grow to for large messages: a 16 MiB request or result
+// needs a handful of window updates.
+const (
+	// StreamWindow is the receive window of each call.
+	StreamWindow = 4 << 20
+	// ConnWindow is the receive window of each connection.
+	ConnWindow = 16 << 20
+)
+
+// FlowControl returns the dial options that fix the windows. Dial applies
+// them first, so a caller's own window options win.
+func FlowControl() []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithInitialWindowSize(StreamWindow), grpc.WithInitialConnWindowSize(ConnWindow)}
+}
+
 // Conn is a connection to one node.
 type Conn struct {
 	*grpc.ClientConn
@@ -95,7 +117,7 @@ func Dial(addr string, opts ...grpc.DialOption) (*Conn, error) {
 	if !strings.Contains(addr, "://") && !strings.HasPrefix(addr, "unix:") {
 		target = "passthrough:///" + addr
 	}
-	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts...)
+	opts = append(append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, FlowControl()...), opts...)
 	cc, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", addr, err)
