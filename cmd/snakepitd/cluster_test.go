@@ -63,6 +63,11 @@ func startClusterNode(t *testing.T, bin, id, cfg string) *clusterNode {
 		err := <-d.exited
 		t.Fatalf("snakepitd %s exited (%v) before listening:\n%s", id, err, d.stderr.String())
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("snakepitd %s log, last lines:\n%s", id, lastLines(d.out.String(), 40))
+		}
+	})
 	c, err := client.Dial(d.addr)
 	if err != nil {
 		t.Fatal(err)

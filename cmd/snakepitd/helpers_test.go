@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -74,6 +75,12 @@ func (d *daemonProc) scrapeMetric(t *testing.T, name, labels string) float64 {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// lastLines returns the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
 func fmtConfig(format string, args ...any) string { return fmt.Sprintf(format, args...) }
