@@ -182,6 +182,17 @@ def visible(hold: float = 0.0) -> dict:
     return {"pid": os.getpid(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}
 `
 
+// writeAdapter writes an adapter module into a temporary directory and
+// returns its path.
+func writeAdapter(t *testing.T, name, src string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(path, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 // Real Python workers see the GPUs the node assigned them, by UUID, and the
 // assignment shows in Status; a pool without GPUs sees none on a GPU host.
 func TestGPUAssignmentReachesWorkers(t *testing.T) {
@@ -189,11 +200,7 @@ func TestGPUAssignmentReachesWorkers(t *testing.T) {
 		t.Skip("starts Python workers")
 	}
 	inv := mockInventory(t)
-	dir := t.TempDir()
-	adapter := filepath.Join(dir, "visible.py")
-	if err := os.WriteFile(adapter, []byte(visibleAdapter), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	adapter := writeAdapter(t, "visible.py", visibleAdapter)
 	cfg := testConfig(t,
 		PoolConfig{Name: "train", Adapter: adapter, Size: 2, GPUs: GPUConfig{PerWorker: 2, Exclusive: true}},
 		PoolConfig{Name: "serve", Adapter: adapter, Size: 2, GPUs: GPUConfig{PerWorker: 1}},

@@ -3,7 +3,6 @@ package agent
 import (
 	"errors"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -77,11 +76,7 @@ func TestExclusiveGPUPoolResize(t *testing.T) {
 		t.Skip("starts Python workers")
 	}
 	inv := mockInventory(t)
-	dir := t.TempDir()
-	adapter := filepath.Join(dir, "visible.py")
-	if err := os.WriteFile(adapter, []byte(visibleAdapter), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	adapter := writeAdapter(t, "visible.py", visibleAdapter)
 	cfg := testConfig(t,
 		PoolConfig{Name: "train", Adapter: adapter, Size: 2, GPUs: GPUConfig{PerWorker: 1, Exclusive: true}},
 		PoolConfig{Name: "serve", Adapter: adapter, Size: 1, GPUs: GPUConfig{PerWorker: 1, Pinned: uuids(inv, 7)}},
