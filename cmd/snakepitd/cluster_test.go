@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+
 	"github.com/snakepit/snakepit/internal/consultest"
 	"github.com/snakepit/snakepit/pkg/client"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
@@ -345,8 +347,8 @@ func TestClusterFailedPoolsStopRefreshing(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := b.conn.Snakepit.Execute(ctx, &snakepitv1.ExecuteRequest{Tool: "die", Pool: "flaky"}); err == nil {
-		t.Fatal("die returned normally")
+	if _, err := b.conn.Snakepit.Execute(ctx, &snakepitv1.ExecuteRequest{Tool: "die", Pool: "flaky"}); !isReason(err, codes.Unavailable, "WORKER_EXITED") {
+		t.Fatalf("die = %v, want UNAVAILABLE WORKER_EXITED (the worker killed)", err)
 	}
 	// Marked critical at once; the watcher's next answer drops it. Allow a
 	// few TTLs: the whole suite may be running on 2 cores beside it.

@@ -185,6 +185,10 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 			}
 			setServing(st)
 			members.setHealthy(healthy)
+			// The router ranks this node with its live health: rebuild
+			// now, not at the next refresh (a node just ready would
+			// otherwise refuse its own pools' calls for up to a second).
+			n.cluster.kick()
 			for _, p := range n.Status().Pools {
 				ps := healthpb.HealthCheckResponse_NOT_SERVING
 				if p.Ready > 0 && !p.Tainted && (p.State == PoolReady || p.State == PoolDegraded) {

@@ -148,8 +148,12 @@ func TestRestartBudgetTaintsAndDegrades(t *testing.T) {
 			t.Fatalf("crash %d = %v, want UNAVAILABLE", i, err)
 		}
 	}
+	// Wait for the taint itself: right after the third crash the pool is
+	// degraded with no worker ready before the supervisor has counted the
+	// crash against the budget.
 	waitStatus(t, tn, func(p *snakepitv1.PoolStatus) bool {
-		return p.GetState() == snakepitv1.PoolState_POOL_STATE_DEGRADED && p.GetReadyWorkers() == 0
+		return p.GetState() == snakepitv1.PoolState_POOL_STATE_DEGRADED && p.GetReadyWorkers() == 0 &&
+			strings.Contains(p.GetReason(), "restart budget exhausted")
 	})
 	st, _ := tn.sp.Status(context.Background(), &snakepitv1.StatusRequest{})
 	if r := st.GetPools()[0].GetReason(); !strings.Contains(r, "restart budget exhausted") || !strings.Contains(r, "exit_code") {
