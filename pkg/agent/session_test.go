@@ -183,7 +183,14 @@ func busySession(t *testing.T, tn *testNode, id string) (pid int, release func()
 		tn.sp.Execute(ctx, &snakepitv1.ExecuteRequest{Pool: "test", Tool: "hold", SessionId: id, Args: []byte(fmt.Sprintf(`{"marker": %q}`, marker))})
 	}()
 	waitStatus(t, tn, func(p *snakepitv1.PoolStatus) bool { return p.GetBusy() == 1 })
-	return r.PID, func() { cancel(); <-done; waitFile(t, marker, "cancelled") }
+	return r.PID, func() {
+		cancel()
+		<-done
+		waitFile(t, marker, "cancelled")
+		// The Python side has seen the cancel; wait until the pool has
+		// taken the worker back too (its answer to the cancelled call).
+		waitStatus(t, tn, func(p *snakepitv1.PoolStatus) bool { return p.GetBusy() == 0 })
+	}
 }
 
 func TestAffinityModesWhenTheWorkerIsBusy(t *testing.T) {
