@@ -403,7 +403,8 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 	fp := fmt.Sprint(self.Healthy, self.Cordoned, self.Draining, self.Pools)
 	for _, pc := range f.peers {
 		pc.down(now) // starts (or stops) the peer's down clock
-		fp += fmt.Sprint(pc.id, pc.usable())
+		// The breaker's state too: a change wakes strict_queue waiters.
+		fp += fmt.Sprint(pc.id, pc.usable(), pc.br.State())
 	}
 	if !changed && fp == f.lastSt && f.state.Load() != nil {
 		return
@@ -695,9 +696,12 @@ func (f *forwarder) strict(ctx context.Context, st *routeState, req *Request, rq
 		if ctx.Err() != nil {
 			return nil, ownerErr
 		}
-		if cur := f.state.Load(); cur != nil {
-			st = cur
+		cur := f.state.Load()
+		if cur == nil {
+			ownerErr.Reason += "; this node's router stopped"
+			return nil, ownerErr // the node is shutting down
 		}
+		st = cur
 	}
 }
 
