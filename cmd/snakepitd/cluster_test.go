@@ -2,9 +2,7 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -119,27 +117,9 @@ func waitView(t *testing.T, n *clusterNode, timeout time.Duration, want ...strin
 // holds, by id, with their aggregated check status.
 func consulInstances(t *testing.T, a *consultest.Agent) map[string]string {
 	t.Helper()
-	resp, err := http.Get("http://" + a.Addr + "/v1/health/service/snakepit")
+	out, err := a.ServiceHealth("snakepit")
 	if err != nil {
 		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var entries []struct {
-		Service struct{ ID string }
-		Checks  []struct{ Status string }
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&entries); err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]string{}
-	for _, e := range entries {
-		st := "passing"
-		for _, c := range e.Checks {
-			if c.Status != "passing" {
-				st = c.Status
-			}
-		}
-		out[e.Service.ID] = st
 	}
 	return out
 }

@@ -30,11 +30,7 @@ import (
 // many requests a node sends Consul in steady state, idle and under load
 // (it must not grow with load: no per-request Consul traffic).
 func benchCluster(ctx context.Context, o options, r *report) error {
-	bin, err := consultest.Binary()
-	if err != nil {
-		return err
-	}
-	agent, err := startConsul(ctx, bin)
+	agent, err := startConsul(ctx)
 	if err != nil {
 		return err
 	}
@@ -275,7 +271,11 @@ type consulAgent struct {
 	dir  string
 }
 
-func startConsul(ctx context.Context, bin string) (*consulAgent, error) {
+func startConsul(ctx context.Context) (*consulAgent, error) {
+	bin, err := consultest.Binary()
+	if err != nil {
+		return nil, err
+	}
 	var ports []int
 	for len(ports) < 4 {
 		p, err := freeTCPUDPPort()

@@ -10,7 +10,6 @@ import (
 
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/snakepit/snakepit/internal/consultest"
 	"github.com/snakepit/snakepit/pkg/client"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
@@ -19,11 +18,7 @@ import (
 // sessions while 16 clients call; time to drained and calls failed
 // (target 0), beside the floor: the time of the calls it has to wait for.
 func benchDrain(ctx context.Context, o options, r *report) error {
-	bin, err := consultest.Binary()
-	if err != nil {
-		return err
-	}
-	agent, err := startConsul(ctx, bin)
+	agent, err := startConsul(ctx)
 	if err != nil {
 		return err
 	}

@@ -7,7 +7,6 @@ import (
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
-	"github.com/snakepit/snakepit/internal/consultest"
 	"github.com/snakepit/snakepit/pkg/pyruntime"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
@@ -17,11 +16,7 @@ import (
 // same run on the same two daemons (the floor: the local call, and a bare
 // gRPC hop); then a three-node cluster's throughput against one node's.
 func benchRouter(ctx context.Context, o options, r *report) error {
-	bin, err := consultest.Binary()
-	if err != nil {
-		return err
-	}
-	agent, err := startConsul(ctx, bin)
+	agent, err := startConsul(ctx)
 	if err != nil {
 		return err
 	}

@@ -13,6 +13,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -350,4 +351,33 @@ func newUUID() string {
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+}
+
+// ServiceHealth returns the instances of service that the agent holds, by
+// service ID, each with its aggregated check status ("passing" when every
+// check passes, else the status of a check that does not).
+func (a *Agent) ServiceHealth(service string) (map[string]string, error) {
+	resp, err := http.Get("http://" + a.Addr + "/v1/health/service/" + service)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var entries []struct {
+		Service struct{ ID string }
+		Checks  []struct{ Status string }
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&entries); err != nil {
+		return nil, fmt.Errorf("consul health of %s: %w", service, err)
+	}
+	out := map[string]string{}
+	for _, e := range entries {
+		st := "passing"
+		for _, c := range e.Checks {
+			if c.Status != "passing" {
+				st = c.Status
+			}
+		}
+		out[e.Service.ID] = st
+	}
+	return out, nil
 }

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -158,27 +157,9 @@ func TestClusterConfigErrorsNameTheKey(t *testing.T) {
 // ID, with their check status.
 func consulService(t *testing.T, a *consultest.Agent, service string) map[string]string {
 	t.Helper()
-	resp, err := http.Get("http://" + a.Addr + "/v1/health/service/" + service)
+	out, err := a.ServiceHealth(service)
 	if err != nil {
 		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var entries []struct {
-		Service struct{ ID string }
-		Checks  []struct{ Status string }
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&entries); err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]string{}
-	for _, e := range entries {
-		st := "passing"
-		for _, c := range e.Checks {
-			if c.Status != "passing" {
-				st = c.Status
-			}
-		}
-		out[e.Service.ID] = st
 	}
 	return out
 }

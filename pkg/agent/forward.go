@@ -505,7 +505,7 @@ func (f *forwarder) refreshIdle(ctx context.Context) {
 	f.mu.Unlock()
 	var wg sync.WaitGroup
 	for _, pc := range idle {
-		wg.Go(func() { pc.refresh(ctx, f.cfg.LoadRefreshInterval) })
+		wg.Go(func() { pc.check(ctx, f.cfg.LoadRefreshInterval) })
 	}
 	wg.Wait()
 }
@@ -783,11 +783,12 @@ func (f *forwarder) attempt(ctx context.Context, st *routeState, c router.Candid
 
 // forwardOutcome labels snakepit_forwards_total.
 func forwardOutcome(err error, oc outcome) string {
+	if err == nil {
+		return "ok"
+	}
 	var re *remoteError
 	isAnswer := errors.As(err, &re)
 	switch {
-	case err == nil:
-		return "ok"
 	case oc == done && isAnswer:
 		return "error"
 	case oc == done:

@@ -170,13 +170,6 @@ func (p *peerConn) heard(md metadata.MD) {
 	}
 }
 
-// refresh asks an idle peer for its health (and, in the answer's trailer,
-// its load). A half-open breaker lets it through as the probe; an open one
-// skips it until its back-off is over.
-func (p *peerConn) refresh(ctx context.Context, timeout time.Duration) {
-	p.check(ctx, timeout)
-}
-
 // probe checks, in the background, whether a peer that let a call run
 // past its caller's deadline still answers: a health check bounded by
 // load_refresh_interval. Each probe that gets no answer counts as a
@@ -199,8 +192,10 @@ func (p *peerConn) probe() {
 	}()
 }
 
-// check runs one health check through the breaker and reports whether to
-// keep probing: the peer did not answer and its breaker is still closed.
+// check runs one health check through the breaker (a half-open breaker
+// lets it through as its probe; an open one skips it until its back-off is
+// over); the answer's trailer carries the peer's load. It reports whether
+// to keep probing: the peer did not answer and its breaker is still closed.
 func (p *peerConn) check(ctx context.Context, timeout time.Duration) (again bool) {
 	done, err := p.br.Allow()
 	if err != nil {
