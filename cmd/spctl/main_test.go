@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
 
+	"github.com/snakepit/snakepit/internal/freeport"
 	"github.com/snakepit/snakepit/pkg/agent"
 )
 
@@ -132,12 +133,7 @@ func TestSpctl(t *testing.T) {
 }
 
 func TestSpctlNoNode(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close() // nothing listens there now
+	addr := freeport.MustAddr(t) // nothing listens there
 	code, _, errOut := spctl(t, "--addr", addr, "--timeout", "2s", "status")
 	if code != 1 || !strings.Contains(errOut, "make run") {
 		t.Fatalf("spctl against no node: exit %d, stderr %q; want 1 and a hint to start one", code, errOut)

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/snakepit/snakepit/internal/consultest"
+	"github.com/snakepit/snakepit/internal/freeport"
 	"github.com/snakepit/snakepit/pkg/pyruntime"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
@@ -276,15 +277,9 @@ func startConsul(ctx context.Context) (*consulAgent, error) {
 	if err != nil {
 		return nil, err
 	}
-	var ports []int
-	for len(ports) < 4 {
-		p, err := freeTCPUDPPort()
-		if err != nil {
-			return nil, err
-		}
-		if !slices.Contains(ports, p) {
-			ports = append(ports, p)
-		}
+	ports, err := freeport.Get(4, freeport.TCPAndUDP)
+	if err != nil {
+		return nil, err
 	}
 	dir, err := os.MkdirTemp("", "spbench-consul-")
 	if err != nil {
@@ -331,23 +326,4 @@ func (a *consulAgent) stop() {
 	_ = syscall.Kill(-a.cmd.Process.Pid, syscall.SIGKILL)
 	_ = a.cmd.Wait()
 	os.RemoveAll(a.dir)
-}
-
-// freeTCPUDPPort returns a loopback port free for TCP and UDP now (serf
-// uses both).
-func freeTCPUDPPort() (int, error) {
-	for range 100 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		u, err := net.ListenPacket("udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-		l.Close()
-		if err == nil {
-			u.Close()
-			return port, nil
-		}
-	}
-	return 0, errors.New("no free TCP+UDP port after 100 tries")
 }

@@ -28,6 +28,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/snakepit/snakepit/internal/freeport"
 )
 
 // Environment variables read by this package.
@@ -139,12 +141,44 @@ func StartWith(t testing.TB, opts Options) *Agent {
 		}
 		t.Skipf("consultest: %v", err)
 	}
-	ports, err := freePorts(6)
+	var a *Agent
+	// A port found free can still be taken before the agent binds it; the
+	// agent then exits at once naming it. Pick new ports and try again.
+	for attempt := 1; ; attempt++ {
+		var err error
+		a, err = newAgent(t, bin, t.TempDir(), opts)
+		if err != nil {
+			t.Fatalf("consultest: %v", err)
+		}
+		err = a.start()
+		if err == nil {
+			break
+		}
+		if attempt < bindAttempts && strings.Contains(a.logTail(40), "address already in use") {
+			t.Logf("consultest: a port was taken before the agent bound it; retrying on new ports (attempt %d)", attempt)
+			continue
+		}
+		t.Fatalf("consultest: %v", err) // the error carries the log's tail
+	}
+	t.Cleanup(a.Stop)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("consultest: agent log tail (%s):\n%s", a.logPath, a.logTail(40))
+		}
+	})
+	return a
+}
+
+// bindAttempts bounds how many sets of ports StartWith tries.
+const bindAttempts = 3
+
+// newAgent lays out an agent's ports, files and arguments without starting it.
+func newAgent(t testing.TB, bin, dir string, opts Options) (*Agent, error) {
+	ports, err := freeport.Get(5, freeport.TCPAndUDP)
 	if err != nil {
-		t.Fatalf("consultest: free ports: %v", err)
+		return nil, err
 	}
 	httpPort, serverPort, lanPort, wanPort := ports[0], ports[1], ports[2], ports[3]
-	dir := t.TempDir()
 	a := &Agent{
 		Addr:     net.JoinHostPort("127.0.0.1", strconv.Itoa(httpPort)),
 		NodeName: "consultest-" + strconv.Itoa(httpPort),
@@ -167,7 +201,7 @@ func StartWith(t testing.TB, opts Options) *Agent {
 	if opts.TLS {
 		ca, cert, key, err := writeTLSFiles(dir)
 		if err != nil {
-			t.Fatalf("consultest: tls: %v", err)
+			return nil, fmt.Errorf("tls: %w", err)
 		}
 		a.CAFile = ca
 		a.HTTPSAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[4]))
@@ -181,16 +215,7 @@ func StartWith(t testing.TB, opts Options) *Agent {
 			`acl { enabled = true, default_policy = "deny", tokens { initial_management = %q, agent = %q } }`,
 			a.Token, a.Token))
 	}
-	t.Cleanup(a.Stop)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("consultest: agent log tail (%s):\n%s", a.logPath, a.logTail(40))
-		}
-	})
-	if err := a.start(); err != nil {
-		t.Fatalf("consultest: %v", err)
-	}
-	return a
+	return a, nil
 }
 
 // Stop kills the agent (SIGKILL to its process group, as a crash would) and
@@ -311,38 +336,6 @@ func (a *Agent) logTail(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-// freePorts returns n distinct loopback ports that are free for both TCP and
-// UDP right now (serf uses both on one port). The ports are released before
-// returning; another process could take one before the agent binds it, which
-// on a test machine is rare and shows as a start failure naming the port.
-func freePorts(n int) ([]int, error) {
-	var closers []io.Closer
-	defer func() {
-		for _, c := range closers {
-			c.Close()
-		}
-	}()
-	var ports []int
-	for tries := 0; len(ports) < n; tries++ {
-		if tries > 100 {
-			return nil, errors.New("no free TCP+UDP port pair after 100 tries")
-		}
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		closers = append(closers, l)
-		port := l.Addr().(*net.TCPAddr).Port
-		u, err := net.ListenPacket("udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-		if err != nil {
-			continue
-		}
-		closers = append(closers, u)
-		ports = append(ports, port)
-	}
-	return ports, nil
 }
 
 func newUUID() string {

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/snakepit/snakepit/internal/freeport"
 	"github.com/snakepit/snakepit/pkg/client"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
@@ -194,9 +194,7 @@ func TestClusterStatus(t *testing.T) {
 		t.Errorf("own address = %q, want %q", st.GetNodes()[0].GetAddress(), tn.addr)
 	}
 	// With peers: one answers, one does not.
-	l, _ := net.Listen("tcp", "127.0.0.1:0")
-	dead := l.Addr().String()
-	l.Close()
+	dead := freeport.MustAddr(t) // nothing listens there
 	n, err := New(testConfig(t), zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)

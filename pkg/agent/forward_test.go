@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/snakepit/snakepit/internal/freeport"
 	"github.com/snakepit/snakepit/pkg/discovery"
 	"github.com/snakepit/snakepit/pkg/router"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
@@ -33,13 +34,8 @@ func startCluster(t *testing.T, sizes []int, mod func(i int, cfg *Config)) []*cl
 	nodes := make([]*clusterNode, len(sizes))
 	addrs := make([]string, len(sizes))
 	for i := range sizes {
-		// Reserve a port: the static peer lists need every address first.
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addrs[i] = l.Addr().String()
-		l.Close()
+		// The static peer lists need every address first.
+		addrs[i] = freeport.MustAddr(t)
 		nodes[i] = &clusterNode{id: fmt.Sprintf("node-%d", i), proxy: startCutProxy(t, addrs[i])}
 	}
 	var wg sync.WaitGroup

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/snakepit/snakepit/internal/freeport"
 	"github.com/snakepit/snakepit/pkg/client"
 	"github.com/snakepit/snakepit/pkg/discovery"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
@@ -222,12 +223,7 @@ func TestMutualTLSForeignPeerNeverRoutedTo(t *testing.T) {
 	ids := []string{"node-0", "node-1", "node-x"}
 	addrs := make([]string, len(ids))
 	for i := range ids {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addrs[i] = l.Addr().String()
-		l.Close()
+		addrs[i] = freeport.MustAddr(t)
 	}
 	var wg sync.WaitGroup
 	for i, id := range ids {

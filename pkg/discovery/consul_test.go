@@ -2,7 +2,6 @@ package discovery
 
 import (
 	"context"
-	"net"
 	"reflect"
 	"strings"
 	"testing"
@@ -11,6 +10,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/snakepit/snakepit/internal/consultest"
+	"github.com/snakepit/snakepit/internal/freeport"
 )
 
 func newRegistrar(t *testing.T, cfg Config) *ConsulRegistrar {
@@ -308,18 +308,13 @@ func TestConsulWrongACLToken(t *testing.T) {
 }
 
 func TestConsulUnreachableAddress(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close() // nothing listens there now
+	addr := freeport.MustAddr(t) // nothing listens there
 
 	cfg := DefaultConfig()
 	cfg.Kind = KindConsul
 	cfg.Consul.Address = addr
 	r := newRegistrar(t, cfg)
-	err = r.Register(context.Background(), testNode("node-a", 7001))
+	err := r.Register(context.Background(), testNode("node-a", 7001))
 	wantErr(t, err, ErrUnavailable, "discovery.consul.address="+addr, "connection refused")
 	if err := r.Deregister(context.Background()); err == nil {
 		t.Errorf("Deregister against an unreachable agent: nil error")
