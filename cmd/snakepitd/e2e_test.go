@@ -179,6 +179,8 @@ func TestBinaryServesReadmeAdapter(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("snakepitd did not stop within 60s of SIGTERM")
 	}
+	// Start-up, calls and shutdown logged well-formed lines.
+	checkLogKeys(t, "snakepitd", d)
 }
 
 // TestBinaryBrokenAdapterExits: an adapter that does not import makes the

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -94,4 +95,43 @@ func startBystander(t *testing.T) int {
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	return cmd.Process.Pid
+}
+
+// checkLogKeys fails the test if a JSON log line of the daemon repeats a
+// top-level key (log processors keep one of the two, at random) or is not
+// a JSON object. It returns how many lines it checked.
+func checkLogKeys(t *testing.T, name string, d *daemonProc) int {
+	t.Helper()
+	n := 0
+	for line := range strings.Lines(d.out.String()) {
+		line = strings.TrimSpace(line)
+		if line == "" {
+			continue
+		}
+		n++
+		dec := json.NewDecoder(strings.NewReader(line))
+		if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+			t.Errorf("%s: log line is not a JSON object: %s", name, line)
+			continue
+		}
+		seen := map[string]bool{}
+		for dec.More() {
+			tok, err := dec.Token()
+			if err != nil {
+				t.Errorf("%s: bad log line: %v: %s", name, err, line)
+				break
+			}
+			key := tok.(string)
+			if seen[key] {
+				t.Errorf("%s: log line repeats the key %q: %s", name, key, line)
+			}
+			seen[key] = true
+			var skip json.RawMessage
+			if err := dec.Decode(&skip); err != nil {
+				t.Errorf("%s: bad log line: %v: %s", name, err, line)
+				break
+			}
+		}
+	}
+	return n
 }

@@ -138,11 +138,16 @@ func adminAuth(tokenFile string, identities []string) (grpc.UnaryServerIntercept
 		if !strings.HasPrefix(info.FullMethod, prefix) {
 			return handler(ctx, req)
 		}
-		if p, ok := peer.FromContext(ctx); ok && isAdmin(p, identities) {
+		p, _ := peer.FromContext(ctx)
+		if isAdmin(p, identities) {
 			return handler(ctx, req)
 		}
 		if token == nil {
-			return nil, status.Error(codes.PermissionDenied, "admin verbs are served on the node's local admin socket (admin_socket); over TCP they need a client certificate listed in admin_identities, or admin_token_file set on the node and the token sent as a bearer token")
+			presented := ""
+			if ids := callerIdentities(p); len(ids) > 0 {
+				presented = fmt.Sprintf("the client certificate %q is not listed in admin_identities; ", ids[0])
+			}
+			return nil, status.Error(codes.PermissionDenied, presented+"admin verbs are served on the node's local admin socket (admin_socket); over TCP they need a client certificate listed in admin_identities, or admin_token_file set on the node and the token sent as a bearer token")
 		}
 		md, _ := metadata.FromIncomingContext(ctx)
 		for _, v := range md.Get("authorization") {

@@ -61,7 +61,7 @@ func Serve(ctx context.Context, cfg Config, log zerolog.Logger, hooks Hooks) err
 		return err
 	}
 	cfg = n.Config()
-	inv := hw.Detect(n.log)
+	inv := hw.Detect(log)
 	if err := applyGPUs(n, inv); err != nil {
 		return err
 	}

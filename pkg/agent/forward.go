@@ -269,7 +269,7 @@ func newForwarder(n *Node, creds grpc.DialOption) *forwarder {
 	cfg := n.cfg.Router
 	return &forwarder{
 		n: n, cfg: cfg, creds: creds,
-		log:    n.log.With().Str("component", "router").Logger(),
+		log:    n.baseLog.With().Str("component", "router").Logger(),
 		budget: newRetryBudget(cfg.RetryBudgetRatio, cfg.RetryBudgetMin),
 		peers:  make(map[string]*peerConn),
 		info:   make(map[string]discovery.Peer),

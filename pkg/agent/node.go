@@ -66,7 +66,8 @@ type Result struct {
 // Node runs the pools of one host. Create it with New, start it with Run.
 type Node struct {
 	cfg      Config
-	log      zerolog.Logger
+	log      zerolog.Logger // component=agent
+	baseLog  zerolog.Logger // as given to New: parent of the other components' loggers
 	pools    map[string]*Pool
 	order    []string
 	started  time.Time
@@ -113,6 +114,7 @@ func New(cfg Config, log zerolog.Logger) (*Node, error) {
 	n := &Node{
 		cfg:      cfg,
 		log:      log.With().Str("component", "agent").Logger(),
+		baseLog:  log,
 		pools:    make(map[string]*Pool, len(cfg.Pools)),
 		startSem: newSemaphore(cfg.StartConcurrency),
 		ready:    make(chan struct{}),
