@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"net"
 	"os"
@@ -59,15 +60,16 @@ func NewCA(t testing.TB, name string) *CA {
 
 // Issue writes a certificate for cn, signed by the CA and valid for
 // 127.0.0.1 and the DNS name cn, as server and as client, and its key; it
-// returns their paths.
+// returns their paths. It is safe for concurrent use.
 func (ca *CA) Issue(t testing.TB, cn string) (certFile, keyFile string) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
+	sn := serial.Add(1)
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial.Add(1)), Subject: pkix.Name{CommonName: cn},
+		SerialNumber: big.NewInt(sn), Subject: pkix.Name{CommonName: cn},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
 		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{cn},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
@@ -81,7 +83,10 @@ func (ca *CA) Issue(t testing.TB, cn string) (certFile, keyFile string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certFile, keyFile = filepath.Join(ca.dir, cn+".pem"), filepath.Join(ca.dir, cn+".key")
+	// Each certificate has files of its own: tests issue the same name
+	// from several goroutines.
+	base := filepath.Join(ca.dir, fmt.Sprintf("%s-%d", cn, sn))
+	certFile, keyFile = base+".pem", base+".key"
 	write(t, certFile, "CERTIFICATE", der, 0o644)
 	write(t, keyFile, "EC PRIVATE KEY", kb, 0o600)
 	return certFile, keyFile
