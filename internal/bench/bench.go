@@ -40,6 +40,9 @@ type options struct {
 
 // Main runs the benchmarks and prints a table; it returns the exit code.
 func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == relayServeCmd {
+		return relayServe(args[1:], stdout, stderr)
+	}
 	var o options
 	fs := flag.NewFlagSet("spbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)

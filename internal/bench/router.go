@@ -92,6 +92,10 @@ pools:
 	if err != nil {
 		return err
 	}
+	leaf, relayed, err := relayFloor(ctx, n)
+	if err != nil {
+		return err
+	}
 
 	// Throughput at concurrency 64, sessionless no-ops: one node alone
 	// (its own cluster of one: rt-b stopped), then three nodes with the
@@ -124,9 +128,10 @@ pools:
 	if err != nil {
 		return err
 	}
-	r.table("router: forwarding (2 and 3 daemons, Consul dev agent, loopback; floor: the local call and a bare gRPC hop, same run)", []row{
+	r.table("router: forwarding (2 and 3 daemons, Consul dev agent, loopback; floors: the local call, a bare gRPC hop and a bare gRPC relay process, same run)", []row{
 		{"session call p50, owner the other node (forwarded)", us(pct(remoteLat, 0.5)), us(pct(localLat, 0.5)) + " owner local, " + us(pct(hop, 0.5)) + " bare gRPC", fmt.Sprintf("added by the hop: %s", us(pct(remoteLat, 0.5)-pct(localLat, 0.5)))},
 		{"session call p99, owner the other node", us(pct(remoteLat, 0.99)), us(pct(localLat, 0.99)) + " owner local, " + us(pct(hop, 0.99)) + " bare gRPC", ""},
+		{"added by the hop, p50", us(pct(remoteLat, 0.5) - pct(localLat, 0.5)), us(pct(relayed, 0.5)-pct(leaf, 0.5)) + " bare relay (" + us(pct(relayed, 0.5)) + " through a bare gRPC relay process, " + us(pct(leaf, 0.5)) + " direct)", "floor: the same call through one more bare gRPC process"},
 		{"throughput, concurrency 64, 3 nodes (2 workers each)", fmt.Sprintf("%.0f calls/s", three), fmt.Sprintf("%.0f calls/s one node", one), fmt.Sprintf("ratio %.2f; the three daemons and their workers share the same cores", three/one)},
 	})
 	return nil

@@ -149,8 +149,7 @@ func adminAuth(tokenFile string, identities []string) (grpc.UnaryServerIntercept
 			}
 			return nil, status.Error(codes.PermissionDenied, presented+"admin verbs are served on the node's local admin socket (admin_socket); over TCP they need a client certificate listed in admin_identities, or admin_token_file set on the node and the token sent as a bearer token")
 		}
-		md, _ := metadata.FromIncomingContext(ctx)
-		for _, v := range md.Get("authorization") {
+		for _, v := range metadata.ValueFromIncomingContext(ctx, "authorization") {
 			if got, ok := strings.CutPrefix(v, "Bearer "); ok && subtle.ConstantTimeCompare([]byte(got), token) == 1 {
 				return handler(ctx, req)
 			}

@@ -520,8 +520,7 @@ func routed(ctx context.Context) bool {
 
 // forwardedBy returns the entry node of a forwarded call, "" otherwise.
 func forwardedBy(ctx context.Context) string {
-	md, _ := metadata.FromIncomingContext(ctx)
-	if v := md.Get(ForwardedHeader); len(v) > 0 {
+	if v := metadata.ValueFromIncomingContext(ctx, ForwardedHeader); len(v) > 0 {
 		return v[0]
 	}
 	return ""

@@ -67,8 +67,7 @@ func (s *service) ExecuteStream(in *snakepitv1.ExecuteRequest, stream grpc.Serve
 const CorrelationHeader = "x-snakepit-correlation-id"
 
 func correlationID(ctx context.Context) string {
-	md, _ := metadata.FromIncomingContext(ctx)
-	if v := md.Get(CorrelationHeader); len(v) > 0 && len(v[0]) <= maxIDLen {
+	if v := metadata.ValueFromIncomingContext(ctx, CorrelationHeader); len(v) > 0 && len(v[0]) <= maxIDLen {
 		return v[0]
 	}
 	return ""
@@ -79,6 +78,9 @@ func clientAddr(ctx context.Context) string {
 	p, ok := peer.FromContext(ctx)
 	if !ok || p.Addr == nil {
 		return ""
+	}
+	if t, ok := p.Addr.(*net.TCPAddr); ok {
+		return t.IP.String()
 	}
 	a := p.Addr.String()
 	if host, _, err := net.SplitHostPort(a); err == nil {

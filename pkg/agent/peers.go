@@ -285,7 +285,7 @@ func (p *Pool) load() float64 {
 func (n *Node) loadUnary() grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		resp, err := handler(ctx, req)
-		if _, ok := metadata.FromIncomingContext(ctx); ok {
+		if grpc.ServerTransportStreamFromContext(ctx) != nil {
 			names, loads := n.localLoads()
 			_ = grpc.SetTrailer(ctx, metadata.Pairs(LoadHeader, formatLoads(names, loads)))
 		}
