@@ -485,13 +485,25 @@ func routerPeer(dp discovery.Peer) router.Peer {
 	return rp
 }
 
-// refreshIdle asks every peer not heard from within the refresh interval
-// for its health and load, in parallel, each bounded by the interval.
+// refreshIdle asks every peer that discovery lists as healthy and that was
+// not heard from within the refresh interval for its health and load, in
+// parallel, each bounded by the interval.
 func (f *forwarder) refreshIdle(ctx context.Context) {
 	f.mu.Lock()
 	var idle []*peerConn
 	cut := time.Now().Add(-f.cfg.LoadRefreshInterval).UnixNano()
 	for _, pc := range f.peers {
+		pc.mu.Lock()
+		listed := pc.listed
+		pc.mu.Unlock()
+		if !listed {
+			// Kept only for its down clock (break-glass lease): it takes
+			// no calls, so its load does not matter, and discovery says
+			// when it is back. Probing it would only trip its breaker,
+			// log an ejection of a node that left, and hold it back for a
+			// back-off once it returns.
+			continue
+		}
 		if pc.conn.GetState() == connectivity.TransientFailure {
 			// Try a failing peer again now rather than after grpc's
 			// growing back-off (up to 2 minutes): a restarted node
