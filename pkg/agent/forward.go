@@ -70,7 +70,8 @@ type RouterConfig struct {
 	// RetryBudgetRatio and RetryBudgetMin bound retries on other nodes.
 	RetryBudgetRatio float64 `mapstructure:"retry_budget_ratio"`
 	RetryBudgetMin   int     `mapstructure:"retry_budget_min"`
-	// LoadRefreshInterval is how often idle peers are asked for their load.
+	// LoadRefreshInterval is how often idle peers that discovery lists as
+	// healthy are asked for their load.
 	LoadRefreshInterval time.Duration `mapstructure:"load_refresh_interval"`
 	// BreakerFailures and BreakerBackoff: consecutive failures that eject
 	// a peer, and for how long before a probe.
