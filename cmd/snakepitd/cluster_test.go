@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 
 	"github.com/snakepit/snakepit/internal/consultest"
@@ -50,17 +51,20 @@ pools:
 %s`, id, consulAddr, ttl, pool)
 }
 
-// startClusterNode starts snakepitd with cfg and waits until it serves.
-func startClusterNode(t *testing.T, bin, id, cfg string) *clusterNode {
+// launchNode writes cfg into dir and starts snakepitd with it (and env, extra
+// KEY=VALUE for its environment). It fails the test if the daemon exits
+// before listening, and prints the daemon's last log lines if the test
+// fails.
+func launchNode(t *testing.T, bin, id, cfg, dir string, env ...string) (d *daemonProc, cfgPath string) {
 	t.Helper()
-	dir := t.TempDir()
-	path := filepath.Join(dir, "snakepitd.yaml")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+	cfgPath = filepath.Join(dir, "snakepitd.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d := startDaemon(t, bin, dir, "--config", path)
+	d = startDaemonEnv(t, bin, dir, env, "--config", cfgPath)
 	if d.addr == "" {
 		err := <-d.exited
+		d.exited <- err // for the cleanup
 		t.Fatalf("snakepitd %s exited (%v) before listening:\n%s", id, err, d.stderr.String())
 	}
 	t.Cleanup(func() {
@@ -68,13 +72,27 @@ func startClusterNode(t *testing.T, bin, id, cfg string) *clusterNode {
 			t.Logf("snakepitd %s log, last lines:\n%s", id, lastLines(d.out.String(), 40))
 		}
 	})
-	c, err := client.Dial(d.addr)
+	return d, cfgPath
+}
+
+// dialServing dials addr (plaintext unless opts say otherwise) and waits
+// until the node serves.
+func dialServing(t *testing.T, addr string, opts ...grpc.DialOption) *client.Conn {
+	t.Helper()
+	c, err := client.Dial(addr, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
 	waitServing(t, c)
-	return &clusterNode{daemonProc: d, id: id, conn: c}
+	return c
+}
+
+// startClusterNode starts snakepitd with cfg and waits until it serves.
+func startClusterNode(t *testing.T, bin, id, cfg string) *clusterNode {
+	t.Helper()
+	d, _ := launchNode(t, bin, id, cfg, t.TempDir())
+	return &clusterNode{daemonProc: d, id: id, conn: dialServing(t, d.addr)}
 }
 
 // view returns the ids of the healthy nodes n sees (itself included) and

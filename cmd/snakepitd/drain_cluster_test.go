@@ -27,22 +27,8 @@ type drainNode struct {
 
 func startDrainNode(t *testing.T, bin, id, cfg, dir string) *drainNode {
 	t.Helper()
-	path := filepath.Join(dir, "snakepitd.yaml")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	d := startDaemon(t, bin, dir, "--config", path)
-	if d.addr == "" {
-		err := <-d.exited
-		t.Fatalf("snakepitd %s exited (%v) before listening:\n%s", id, err, d.stderr.String())
-	}
-	c, err := client.Dial(d.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	waitServing(t, c)
-	return &drainNode{clusterNode: &clusterNode{daemonProc: d, id: id, conn: c}, dir: dir, cfgPath: path}
+	d, path := launchNode(t, bin, id, cfg, dir)
+	return &drainNode{clusterNode: &clusterNode{daemonProc: d, id: id, conn: dialServing(t, d.addr)}, dir: dir, cfgPath: path}
 }
 
 func (n *drainNode) admin(t *testing.T) snakepitv1.AdminClient {

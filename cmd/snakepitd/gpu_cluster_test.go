@@ -14,7 +14,6 @@ import (
 
 	"google.golang.org/grpc/codes"
 
-	"github.com/snakepit/snakepit/pkg/client"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
 
@@ -52,25 +51,8 @@ func buildMockDaemon(t *testing.T) string {
 // stderr reads the node's log so far.
 func startClusterNodeEnv(t *testing.T, bin, id, cfg string, env ...string) (n *clusterNode, stderr func() string) {
 	t.Helper()
-	dir := t.TempDir()
-	path := filepath.Join(dir, "snakepitd.yaml")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	d := startDaemonEnv(t, bin, dir, env, "--config", path)
-	stderr = d.out.String
-	if d.addr == "" {
-		err := <-d.exited
-		d.exited <- err
-		t.Fatalf("snakepitd %s exited (%v) before listening:\n%s", id, err, stderr())
-	}
-	c, err := client.Dial(d.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	waitServing(t, c)
-	return &clusterNode{daemonProc: d, id: id, conn: c}, stderr
+	d, _ := launchNode(t, bin, id, cfg, t.TempDir(), env...)
+	return &clusterNode{daemonProc: d, id: id, conn: dialServing(t, d.addr)}, d.out.String
 }
 
 // procEnv returns the environment of process pid.

@@ -3,14 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -35,41 +34,20 @@ func startTLSNode(t *testing.T, bin, id, consulAddr string, signer *testpki.CA) 
   client_auth: require
 admin_identities: [ops]
 `, cert, key, signer.PEM) + clusterConfig(id, consulAddr, 5*time.Second, pool)
-	dir := t.TempDir()
-	path := filepath.Join(dir, "snakepitd.yaml")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	d := startDaemon(t, bin, dir, "--config", path)
-	if d.addr == "" {
-		err := <-d.exited
-		t.Fatalf("snakepitd %s exited (%v) before listening:\n%s", id, err, d.stderr.String())
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("snakepitd %s log, last lines:\n%s", id, lastLines(d.out.String(), 40))
-		}
-	})
-	c := dialTLS(t, d.addr, signer, "caller")
-	waitServing(t, c)
-	return &clusterNode{daemonProc: d, id: id, conn: c}
+	d, _ := launchNode(t, bin, id, cfg, t.TempDir())
+	return &clusterNode{daemonProc: d, id: id, conn: dialServing(t, d.addr, tlsTo(t, signer, "caller"))}
 }
 
-// dialTLS dials addr trusting ca, presenting a certificate for cn signed
-// by ca.
-func dialTLS(t *testing.T, addr string, ca *testpki.CA, cn string) *client.Conn {
+// tlsTo returns the dial option that trusts ca and presents a certificate
+// for cn signed by ca.
+func tlsTo(t *testing.T, ca *testpki.CA, cn string) grpc.DialOption {
 	t.Helper()
 	cert, key := ca.Issue(t, cn)
 	opt, err := client.TLS(ca.PEM, cert, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := client.Dial(addr, opt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
+	return opt
 }
 
 // TestClusterMutualTLS runs the security checks on separate processes with
@@ -156,7 +134,11 @@ func TestClusterMutualTLS(t *testing.T) {
 
 	// A caller with a certificate of another CA is refused before any
 	// request is read.
-	outsider := dialTLS(t, trusted[0].addr, foreign, "caller")
+	outsider, err := client.Dial(trusted[0].addr, tlsTo(t, foreign, "caller"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer outsider.Close()
 	_, err = outsider.Snakepit.Execute(ctx, &snakepitv1.ExecuteRequest{Tool: "echo", Args: []byte(`{"n": 1}`)})
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("call with a foreign CA's certificate: %v, want UNAVAILABLE (handshake refused)", err)

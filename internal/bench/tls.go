@@ -2,19 +2,11 @@ package bench
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"os"
-	"path/filepath"
 	"time"
 
+	"github.com/snakepit/snakepit/internal/testpki"
 	"github.com/snakepit/snakepit/pkg/client"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
@@ -27,7 +19,12 @@ func benchTLS(ctx context.Context, o options, r *report) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	caFile, certFile, keyFile, err := writeCerts(dir)
+	ca, err := testpki.New(dir, "spbench CA")
+	if err != nil {
+		return err
+	}
+	caFile := ca.PEM
+	certFile, keyFile, err := ca.Write("spbench-node")
 	if err != nil {
 		return err
 	}
@@ -75,38 +72,4 @@ func benchTLS(ctx context.Context, o options, r *report) error {
 		{"throughput, concurrency 32", fmt.Sprintf("%.0f calls/s", tlsTput), fmt.Sprintf("%.0f calls/s", plainTput), fmt.Sprintf("ratio %.2f", tlsTput/plainTput)},
 	})
 	return nil
-}
-
-// writeCerts writes a CA and a server certificate for 127.0.0.1 signed by
-// it; it returns the CA, certificate and key paths.
-func writeCerts(dir string) (ca, cert, key string, err error) {
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "spbench-ca"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return "", "", "", err
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "spbench-node"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		KeyUsage: x509.KeyUsageDigitalSignature}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &k.PublicKey, caKey)
-	if err != nil {
-		return "", "", "", err
-	}
-	kb, _ := x509.MarshalECPrivateKey(k)
-	ca, cert, key = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "node.pem"), filepath.Join(dir, "node.key")
-	for _, f := range []struct {
-		path, typ string
-		b         []byte
-	}{{ca, "CERTIFICATE", caDER}, {cert, "CERTIFICATE", der}, {key, "EC PRIVATE KEY", kb}} {
-		if err := os.WriteFile(f.path, pem.EncodeToMemory(&pem.Block{Type: f.typ, Bytes: f.b}), 0o600); err != nil {
-			return "", "", "", err
-		}
-	}
-	return ca, cert, key, nil
 }
