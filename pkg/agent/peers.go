@@ -280,15 +280,13 @@ func (p *Pool) load() float64 {
 	return float64(busy+queued) / float64(slots)
 }
 
-// loadTrailer sets LoadHeader on every answer of the Snakepit and health
+// loadUnary sets LoadHeader on every answer of the Snakepit and health
 // services, so peers' routers learn this node's load without asking.
 func (n *Node) loadUnary() grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		resp, err := handler(ctx, req)
-		if grpc.ServerTransportStreamFromContext(ctx) != nil {
-			names, loads := n.localLoads()
-			_ = grpc.SetTrailer(ctx, metadata.Pairs(LoadHeader, formatLoads(names, loads)))
-		}
+		names, loads := n.localLoads()
+		_ = grpc.SetTrailer(ctx, metadata.Pairs(LoadHeader, formatLoads(names, loads)))
 		return resp, err
 	}
 }
