@@ -232,8 +232,8 @@ func TestClusterMembership(t *testing.T) {
 
 	// SIGKILL: b cannot deregister; it leaves when its TTL lapses, and
 	// Consul still holds it (critical) afterwards.
+	killed := time.Now() // before the signal: a lower bound starts there
 	sendSignal(t, b, syscall.SIGKILL)
-	killed := time.Now()
 	waitView(t, a, 3*clusterTTL, "node-a", "node-c")
 	took = time.Since(killed)
 	waitView(t, c, time.Second, "node-a", "node-c")

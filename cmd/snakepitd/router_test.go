@@ -105,12 +105,15 @@ func (c *routerCluster) waitAll(ids ...string) {
 	}
 }
 
-// stop ends a node with sig and waits for its exit.
+// stop ends a node with sig and waits for its exit. It returns the time
+// just before the signal was sent: peers may see the node go (its sockets
+// close with it) before sending the signal returns here, so a lower bound
+// on how long after the signal something happened must start earlier.
 func (c *routerCluster) stop(id string, sig syscall.Signal) time.Time {
 	c.cur.Helper()
 	n := c.node(id)
-	sendSignal(c.cur, n, sig)
 	at := time.Now()
+	sendSignal(c.cur, n, sig)
 	select {
 	case err := <-n.exited:
 		n.exited <- err // for the cleanup
@@ -463,8 +466,8 @@ func TestRouterProcesses(t *testing.T) {
 				t.Fatalf("before the freeze %s ran on %v, %v", s, r.GetRanOn(), err)
 			}
 		}
+		frozen := time.Now() // before the signal, as in stop
 		sendSignal(t, c.node(owner), syscall.SIGSTOP)
-		frozen := time.Now()
 		conted := false
 		defer func() {
 			if !conted {
