@@ -92,28 +92,69 @@ func (l LoadSlice) Load(peer int) float64 {
 }
 
 // Rank appends to dst the candidates for req, best first, at most req.Max,
-// and returns the extended slice. It does not allocate when dst has room for
+// and returns the extended slice: Rendezvous for a call with a session id,
+// TwoChoices for one without. It does not allocate when dst has room for
 // the candidates. loads is used for sessionless calls only and may be nil
 // (all peers idle).
-//
-// Sessions: the candidates are the eligible peers in rendezvous order. The
+func (t *Table) Rank(req Request, loads Loads, dst []Candidate) ([]Candidate, error) {
+	if req.SessionID != "" {
+		return t.Rendezvous(&req, dst)
+	}
+	return t.TwoChoices(&req, loads, dst)
+}
+
+// Rendezvous appends to dst the eligible peers for req in rendezvous order
+// of req.SessionID, at most req.Max, and returns the extended slice. The
 // first is the session's owner, the second its next owner, and so on; the
 // order depends only on the session id and the set of eligible peers with
-// their slots, never on loads or on the order of the peers.
+// their slots, never on loads or on the order of the peers. It does not
+// allocate when dst has room for the candidates.
 //
-// Sessionless: the first candidate is the power-of-two choice (the lower
-// load of two peers drawn from req.Rand; the local node on a tie, and
-// whenever its load is not above the choice's), the rest the other eligible
-// peers by load.
-//
-// When no peer is eligible, Rank returns dst unchanged and an error:
+// When no peer is eligible, it returns dst unchanged and an error:
 // ErrUnknownPool when no peer lists the pool, *UnsatisfiableError when no
 // peer serving the pool meets a constraint, ErrNoPeers (wrapped, with each
 // peer's reason) when peers meet the constraints but none can take the call.
-func (t *Table) Rank(req Request, loads Loads, dst []Candidate) ([]Candidate, error) {
+func (t *Table) Rendezvous(req *Request, dst []Candidate) ([]Candidate, error) {
+	s, pl, k, err := t.span(req)
+	if err != nil {
+		return dst, err
+	}
+	base := len(dst)
+	dst = slices.Grow(dst, k)
+	out := dst[base : base+k]
+	var n int
+	if k <= 3 && len(req.Exclude) == 0 && req.Need.isZero() {
+		t.rendezvous3(s, hashString(req.SessionID), out)
+		n = k
+	} else {
+		n = t.rendezvous(s, req, out)
+	}
+	return t.finish(req, pl, dst, base, n)
+}
+
+// TwoChoices appends to dst the candidates for a call placed by load, at
+// most req.Max, and returns the extended slice. The first is the
+// power-of-two choice (the lower load of two peers drawn from req.Rand; the
+// local node on a tie, and whenever its load is not above the choice's),
+// the rest the other eligible peers by load. It does not allocate when dst
+// has room for the candidates; loads may be nil (all peers idle). Errors
+// are Rendezvous's.
+func (t *Table) TwoChoices(req *Request, loads Loads, dst []Candidate) ([]Candidate, error) {
+	s, pl, k, err := t.span(req)
+	if err != nil {
+		return dst, err
+	}
+	base := len(dst)
+	dst = slices.Grow(dst, k)
+	n := t.twoChoices(s, req, loads, dst[base:base+k])
+	return t.finish(req, pl, dst, base, n)
+}
+
+// span returns the peers req may go to and how many candidates to find.
+func (t *Table) span(req *Request) (*span, *pool, int, error) {
 	pl := t.pool(req.Pool)
 	if pl == nil {
-		return dst, t.explain(&req, nil)
+		return nil, nil, 0, t.explain(req, nil)
 	}
 	s := &pl.ready
 	if req.IncludeUnhealthy {
@@ -125,24 +166,15 @@ func (t *Table) Rank(req Request, loads Loads, dst []Candidate) ([]Candidate, er
 	}
 	k = min(k, len(s.slots))
 	if k == 0 {
-		return dst, t.explain(&req, pl)
+		return nil, nil, 0, t.explain(req, pl)
 	}
-	base := len(dst)
-	dst = slices.Grow(dst, k)
-	var n int
-	if req.SessionID != "" {
-		out := dst[base : base+k]
-		if k <= 3 && len(req.Exclude) == 0 && req.Need.isZero() {
-			t.rendezvous3(s, hashString(req.SessionID), out)
-			n = k
-		} else {
-			n = t.rendezvous(s, &req, out)
-		}
-	} else {
-		n = t.twoChoices(s, &req, loads, dst[base:base+k])
-	}
+	return s, pl, k, nil
+}
+
+// finish fills in the n candidates found at dst[base:].
+func (t *Table) finish(req *Request, pl *pool, dst []Candidate, base, n int) ([]Candidate, error) {
 	if n == 0 {
-		return dst, t.explain(&req, pl)
+		return dst[:base], t.explain(req, pl)
 	}
 	dst = dst[:base+n]
 	for i := base; i < len(dst); i++ {
