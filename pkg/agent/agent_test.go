@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/snakepit/snakepit/pkg/agent/call"
 	"net"
 	"os"
 	"path/filepath"
@@ -172,17 +173,17 @@ func TestBadInput(t *testing.T) {
 		reason   string
 		contains []string
 	}{
-		{"unknown tool", &snakepitv1.ExecuteRequest{Tool: "nope"}, codes.NotFound, ReasonUnknownTool, []string{`"nope"`, "add", "noop"}},
-		{"unknown pool", &snakepitv1.ExecuteRequest{Tool: "add", Pool: "gpu"}, codes.NotFound, ReasonUnknownPool, []string{`"gpu"`, "test"}},
-		{"no tool", &snakepitv1.ExecuteRequest{}, codes.InvalidArgument, ReasonInvalidArgument, []string{"tool"}},
-		{"args not json", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`{"a":`)}, codes.InvalidArgument, ReasonInvalidArgument, []string{"not valid JSON"}},
-		{"args an array", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`[1, 2]`)}, codes.InvalidArgument, ReasonInvalidArgument, []string{"JSON object", "array"}},
-		{"args missing", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`{"a": 1}`)}, codes.InvalidArgument, ReasonInvalidArgument, []string{"'b'"}},
-		{"args unexpected", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`{"a": 1, "b": 2, "c": 3}`)}, codes.InvalidArgument, ReasonInvalidArgument, []string{"'c'"}},
-		{"tool raises", &snakepitv1.ExecuteRequest{Tool: "boom", Args: []byte(`{"message": "kaput"}`)}, codes.Unknown, ReasonToolException, []string{"KeyError", "kaput"}},
-		{"result not json", &snakepitv1.ExecuteRequest{Tool: "unencodable"}, codes.Unknown, ReasonResultNotJSON, []string{"set"}},
+		{"unknown tool", &snakepitv1.ExecuteRequest{Tool: "nope"}, codes.NotFound, call.ReasonUnknownTool, []string{`"nope"`, "add", "noop"}},
+		{"unknown pool", &snakepitv1.ExecuteRequest{Tool: "add", Pool: "gpu"}, codes.NotFound, call.ReasonUnknownPool, []string{`"gpu"`, "test"}},
+		{"no tool", &snakepitv1.ExecuteRequest{}, codes.InvalidArgument, call.ReasonInvalidArgument, []string{"tool"}},
+		{"args not json", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`{"a":`)}, codes.InvalidArgument, call.ReasonInvalidArgument, []string{"not valid JSON"}},
+		{"args an array", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`[1, 2]`)}, codes.InvalidArgument, call.ReasonInvalidArgument, []string{"JSON object", "array"}},
+		{"args missing", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`{"a": 1}`)}, codes.InvalidArgument, call.ReasonInvalidArgument, []string{"'b'"}},
+		{"args unexpected", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`{"a": 1, "b": 2, "c": 3}`)}, codes.InvalidArgument, call.ReasonInvalidArgument, []string{"'c'"}},
+		{"tool raises", &snakepitv1.ExecuteRequest{Tool: "boom", Args: []byte(`{"message": "kaput"}`)}, codes.Unknown, call.ReasonToolException, []string{"KeyError", "kaput"}},
+		{"result not json", &snakepitv1.ExecuteRequest{Tool: "unencodable"}, codes.Unknown, call.ReasonResultNotJSON, []string{"set"}},
 		{"message too large", &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`{"a": "` + strings.Repeat("x", 100<<10) + `"}`)}, codes.ResourceExhausted, "", []string{"larger than max"}},
-		{"result too large", &snakepitv1.ExecuteRequest{Tool: "big", Args: []byte(`{"n": 200000}`)}, codes.ResourceExhausted, ReasonResultTooLarge, []string{"200002 bytes", "max_message_bytes"}},
+		{"result too large", &snakepitv1.ExecuteRequest{Tool: "big", Args: []byte(`{"n": 200000}`)}, codes.ResourceExhausted, call.ReasonResultTooLarge, []string{"200002 bytes", "max_message_bytes"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -272,7 +273,7 @@ func TestQueueFullIsRefusedAtOnce(t *testing.T) {
 	}()
 	waitStatus(t, tn, func(p *snakepitv1.PoolStatus) bool { return p.GetQueued() == 1 })
 	_, err := tn.exec(t, &snakepitv1.ExecuteRequest{Tool: "count"})
-	if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != ReasonQueueFull {
+	if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != call.ReasonQueueFull {
 		t.Fatalf("third call = %v, want RESOURCE_EXHAUSTED QUEUE_FULL", err)
 	}
 	var retry *errdetails.RetryInfo
@@ -305,7 +306,7 @@ func TestQueueMaxWait(t *testing.T) {
 	go tn.sp.Execute(ctx, &snakepitv1.ExecuteRequest{Pool: "test", Tool: "hold", Args: []byte(fmt.Sprintf(`{"marker": %q}`, filepath.Join(t.TempDir(), "m")))})
 	waitStatus(t, tn, func(p *snakepitv1.PoolStatus) bool { return p.GetBusy() == 1 })
 	_, err := tn.exec(t, &snakepitv1.ExecuteRequest{Tool: "count"})
-	if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != ReasonQueueTimeout {
+	if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != call.ReasonQueueTimeout {
 		t.Fatalf("call past queue_max_wait = %v, want RESOURCE_EXHAUSTED QUEUE_TIMEOUT", err)
 	}
 	cancel()
@@ -366,7 +367,7 @@ func TestWorkerCrashFailsCallAndIsReplaced(t *testing.T) {
 	tn := startNode(t, testConfig(t))
 	_, err := tn.exec(t, &snakepitv1.ExecuteRequest{Tool: "crash", Args: []byte(`{"code": 9}`)})
 	ei := errorInfo(err)
-	if status.Code(err) != codes.Unavailable || ei.GetReason() != ReasonWorkerExited || ei.GetMetadata()["exit_code"] != "9" || ei.GetMetadata()["generation"] == "" {
+	if status.Code(err) != codes.Unavailable || ei.GetReason() != call.ReasonWorkerExited || ei.GetMetadata()["exit_code"] != "9" || ei.GetMetadata()["generation"] == "" {
 		t.Fatalf("crash = %v (%v), want UNAVAILABLE WORKER_EXITED with exit code 9 and the generation", err, ei)
 	}
 	waitStatus(t, tn, func(p *snakepitv1.PoolStatus) bool { return p.GetReadyWorkers() == 2 })

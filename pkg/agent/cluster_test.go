@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"github.com/snakepit/snakepit/pkg/agent/membership"
+
 	"context"
 	"fmt"
 	"io"
@@ -105,8 +107,8 @@ func TestPublishAddr(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := publishAddr(Config{Advertise: tt.advertise}, bound); got != tt.want {
-			t.Errorf("publishAddr(advertise %q, bound %s) = %s, want %s", tt.advertise, tt.bound, got, tt.want)
+		if got := membership.PublishAddr(tt.advertise, bound); got != tt.want {
+			t.Errorf("PublishAddr(advertise %q, bound %s) = %s, want %s", tt.advertise, tt.bound, got, tt.want)
 		}
 	}
 }

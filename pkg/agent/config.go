@@ -3,16 +3,25 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"math"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/snakepit/snakepit/pkg/agent/cluster"
+	"github.com/snakepit/snakepit/pkg/agent/edge"
+	"github.com/snakepit/snakepit/pkg/agent/engine"
+	"github.com/snakepit/snakepit/pkg/agent/policy"
 	"github.com/snakepit/snakepit/pkg/client"
 	"github.com/snakepit/snakepit/pkg/discovery"
 	"github.com/snakepit/snakepit/pkg/pyruntime"
+	"github.com/snakepit/snakepit/pkg/router"
 )
 
 // Defaults. Every default of the daemon lives here; the example config
@@ -100,7 +109,129 @@ const (
 	// DefaultStreamWindow is how many chunks of a stream may be in flight
 	// between a Python generator and the client before the generator waits.
 	DefaultStreamWindow = 32
+
+	// Default policies of a pool (pools[].policies, docs/policies.md).
+	DefaultNodePolicy        = policy.TwoChoices
+	DefaultSessionNodePolicy = policy.Rendezvous
+	DefaultWorkerPolicy      = policy.SessionSticky
+	DefaultQueuePolicy       = policy.Queue
+	DefaultAffinityPolicy    = policy.Hint
+
+	// DefaultDrainDeadline bounds a drain that names no deadline.
+	DefaultDrainDeadline = 5 * time.Minute
+	// DeregisterTimeout bounds the deregistration a stopping node does
+	// first.
+	DeregisterTimeout = 5 * time.Second
+	// DefaultClusterStatusTimeout bounds the wait for each peer's status in
+	// a cluster status.
+	DefaultClusterStatusTimeout = 5 * time.Second
 )
+
+// Defaults of the cluster router (config section router.*).
+const (
+	// DefaultDedupWindow is how long a caller-supplied request id is
+	// remembered by the node that executed it.
+	DefaultDedupWindow = 5 * time.Minute
+	// DefaultDedupMaxEntries bounds the request ids remembered.
+	DefaultDedupMaxEntries = 100000
+	// DefaultBreakGlassLease is how long a strict_queue session waits for
+	// its unhealthy owner before the next-ranked node takes it over.
+	DefaultBreakGlassLease = 30 * time.Second
+	// DefaultRetryBudgetRatio and DefaultRetryBudgetMin bound retries to
+	// other nodes: allowed while retries over the last 10s are below this
+	// fraction of requests, or below the minimum.
+	DefaultRetryBudgetRatio = 0.1
+	DefaultRetryBudgetMin   = 10
+	// DefaultLoadRefreshInterval is how often a peer that sent no answer
+	// recently is asked for its health and load; it also bounds each
+	// liveness probe of a peer that let a call time out.
+	DefaultLoadRefreshInterval = time.Second
+	// DefaultBreakerFailures consecutive failures to a peer (lost
+	// connections, failed health checks or liveness probes) eject it from
+	// this node's choices for DefaultBreakerBackoff; then one probe decides
+	// whether it is readmitted.
+	DefaultBreakerFailures = 3
+	DefaultBreakerBackoff  = 5 * time.Second
+	// DefaultMaxCandidates is how many nodes one call may be tried on.
+	DefaultMaxCandidates = router.DefaultMax
+)
+
+// RouterConfig configures the cluster router (config section router;
+// cluster.Config).
+type RouterConfig = cluster.Config
+
+// TLSConfig turns on TLS for the gRPC port (edge.TLSConfig).
+type TLSConfig = edge.TLSConfig
+
+// Client certificate policies of TLSConfig.ClientAuth.
+const (
+	ClientAuthNone    = edge.ClientAuthNone
+	ClientAuthRequest = edge.ClientAuthRequest
+	ClientAuthRequire = edge.ClientAuthRequire
+)
+
+// DefaultRouterConfig returns the router's defaults.
+func DefaultRouterConfig() RouterConfig {
+	return RouterConfig{
+		DedupWindow:         DefaultDedupWindow,
+		DedupMaxEntries:     DefaultDedupMaxEntries,
+		BreakGlassLease:     DefaultBreakGlassLease,
+		RetryBudgetRatio:    DefaultRetryBudgetRatio,
+		RetryBudgetMin:      DefaultRetryBudgetMin,
+		LoadRefreshInterval: DefaultLoadRefreshInterval,
+		BreakerFailures:     DefaultBreakerFailures,
+		BreakerBackoff:      DefaultBreakerBackoff,
+		MaxCandidates:       DefaultMaxCandidates,
+	}
+}
+
+func routerWithDefaults(c RouterConfig) RouterConfig {
+	d := DefaultRouterConfig()
+	setDur := func(v *time.Duration, def time.Duration) {
+		if *v == 0 {
+			*v = def
+		}
+	}
+	setInt := func(v *int, def int) {
+		if *v == 0 {
+			*v = def
+		}
+	}
+	setDur(&c.DedupWindow, d.DedupWindow)
+	setInt(&c.DedupMaxEntries, d.DedupMaxEntries)
+	setDur(&c.BreakGlassLease, d.BreakGlassLease)
+	if c.RetryBudgetRatio == 0 {
+		c.RetryBudgetRatio = d.RetryBudgetRatio
+	}
+	setInt(&c.RetryBudgetMin, d.RetryBudgetMin)
+	setDur(&c.LoadRefreshInterval, d.LoadRefreshInterval)
+	setInt(&c.BreakerFailures, d.BreakerFailures)
+	setDur(&c.BreakerBackoff, d.BreakerBackoff)
+	setInt(&c.MaxCandidates, d.MaxCandidates)
+	return c
+}
+
+func validateRouter(c RouterConfig, bad func(string, ...any)) {
+	for _, d := range []struct {
+		key string
+		v   time.Duration
+	}{{"dedup_window", c.DedupWindow}, {"break_glass_lease", c.BreakGlassLease},
+		{"load_refresh_interval", c.LoadRefreshInterval}, {"breaker_backoff", c.BreakerBackoff}} {
+		if d.v < 0 {
+			bad("router.%s must not be negative (got %s)", d.key, d.v)
+		}
+	}
+	if c.DedupMaxEntries < 0 || c.RetryBudgetMin < 0 || c.BreakerFailures < 0 {
+		bad("router.dedup_max_entries, retry_budget_min and breaker_failures must not be negative (got %d, %d, %d)",
+			c.DedupMaxEntries, c.RetryBudgetMin, c.BreakerFailures)
+	}
+	if c.RetryBudgetRatio < 0 || c.RetryBudgetRatio > 1 || math.IsNaN(c.RetryBudgetRatio) {
+		bad("router.retry_budget_ratio must be between 0 and 1 (got %g)", c.RetryBudgetRatio)
+	}
+	if c.MaxCandidates < 0 || c.MaxCandidates > 16 {
+		bad("router.max_candidates must be between 1 and 16 (got %d)", c.MaxCandidates)
+	}
+}
 
 // Config is the configuration of a node. DefaultConfig returns it filled
 // with the defaults above; cmd/snakepitd overlays the config file, the
@@ -163,86 +294,17 @@ type Config struct {
 	// Router configures the cluster router: forwarding, deduplication,
 	// retries, circuit breaking (see docs/forwarding.md).
 	Router RouterConfig `mapstructure:"router"`
+	// Policies is the registry pools[].policies names are looked up in;
+	// nil means policy.Builtin(). A program that registers its own
+	// policies sets it (docs/policies.md); it is not a config-file key.
+	Policies *policy.Registry `mapstructure:"-"`
 }
 
-// PoolConfig configures one pool of identical workers.
-type PoolConfig struct {
-	// Name identifies the pool in requests.
-	Name string `mapstructure:"name"`
-	// Adapter is the user's Python code: "module", "module:Class",
-	// "path/to/file.py" or "path/to/file.py:Class".
-	Adapter string `mapstructure:"adapter"`
-	// Python is the interpreter. Empty means the virtualenv's bin/python
-	// when Virtualenv is set, else DefaultPython.
-	Python string `mapstructure:"python"`
-	// Virtualenv is a virtual environment the workers run in: its bin/ goes
-	// first on PATH and VIRTUAL_ENV is set.
-	Virtualenv string `mapstructure:"virtualenv"`
-	// PythonPath lists extra directories to import the adapter from.
-	PythonPath []string `mapstructure:"python_path"`
-	// Dir is the workers' working directory; empty means the daemon's.
-	Dir string `mapstructure:"dir"`
-	// Env adds environment variables to the workers. The thread counts of
-	// math libraries (OMP_NUM_THREADS and the like) default to Capacity;
-	// set them here to override.
-	Env map[string]string `mapstructure:"env"`
-	// Size is the number of workers.
-	Size int `mapstructure:"size"`
-	// MinReady is how many workers must be ready before the node reports
-	// ready; 0 means Size.
-	MinReady int `mapstructure:"min_ready"`
-	// Capacity is how many calls one worker runs at once (threads).
-	Capacity int `mapstructure:"capacity"`
-	// QueueDepth is how many calls may wait for a free worker; a call past
-	// it is refused at once with RESOURCE_EXHAUSTED.
-	QueueDepth int `mapstructure:"queue_depth"`
-	// QueueMaxWait is the longest a call waits for a worker before it is
-	// refused with RESOURCE_EXHAUSTED (not executed).
-	QueueMaxWait time.Duration `mapstructure:"queue_max_wait"`
-	// CallTimeout is the deadline of calls that carry none.
-	CallTimeout time.Duration `mapstructure:"call_timeout"`
-	// StartTimeout bounds one worker's start.
-	StartTimeout time.Duration `mapstructure:"start_timeout"`
-	// StopGrace is the time a worker gets at each step of stopping.
-	StopGrace time.Duration `mapstructure:"stop_grace"`
-	// MaxCalls recycles a worker after it served this many calls; 0 never.
-	MaxCalls int `mapstructure:"max_calls"`
-	// MaxAge recycles a worker this long after it started; 0 never.
-	MaxAge time.Duration `mapstructure:"max_age"`
-	// MaxMemoryMB recycles a worker whose process tree's resident memory
-	// passes this many MiB; 0 never.
-	MaxMemoryMB int `mapstructure:"max_memory_mb"`
-	// RecycleDrainTimeout bounds how long a worker being recycled may finish
-	// its calls (its replacement already serves) before it is stopped.
-	RecycleDrainTimeout time.Duration `mapstructure:"recycle_drain_timeout"`
-	// HeartbeatInterval is how often each worker is pinged.
-	HeartbeatInterval time.Duration `mapstructure:"heartbeat_interval"`
-	// HeartbeatTimeout is how long a worker may leave pings unanswered
-	// before it is killed as hung and replaced.
-	HeartbeatTimeout time.Duration `mapstructure:"heartbeat_timeout"`
-	// CancelGrace is how long a cancelled call may keep running before its
-	// worker is recycled.
-	CancelGrace time.Duration `mapstructure:"cancel_grace"`
-	// RestartBackoffMin and RestartBackoffMax bound the exponential
-	// back-off between restarts of a crashing worker.
-	RestartBackoffMin time.Duration `mapstructure:"restart_backoff_min"`
-	RestartBackoffMax time.Duration `mapstructure:"restart_backoff_max"`
-	// RestartBudget is how many crashes of one worker within RestartWindow
-	// are tolerated; past it the worker is tainted (not restarted) for
-	// TaintCooldown and the pool is degraded.
-	RestartBudget int           `mapstructure:"restart_budget"`
-	RestartWindow time.Duration `mapstructure:"restart_window"`
-	TaintCooldown time.Duration `mapstructure:"taint_cooldown"`
-	// SessionIdleTimeout ends a session that had no call for this long.
-	SessionIdleTimeout time.Duration `mapstructure:"session_idle_timeout"`
-	// MaxSessionsPerWorker bounds the sessions bound to one worker.
-	MaxSessionsPerWorker int `mapstructure:"max_sessions_per_worker"`
-	// StreamWindow is how many chunks of a stream may be in flight between
-	// the generator and the client; a slow client makes the generator wait.
-	StreamWindow int `mapstructure:"stream_window"`
-	// GPUs pins the workers to GPUs (see GPUConfig); none by default.
-	GPUs GPUConfig `mapstructure:"gpus"`
-}
+// PoolConfig configures one pool of identical workers (engine.PoolConfig).
+type PoolConfig = engine.PoolConfig
+
+// GPUConfig pins a pool's workers to GPUs (engine.GPUConfig).
+type GPUConfig = engine.GPUConfig
 
 // DefaultConfig returns the configuration a node runs with when nothing is
 // configured: a standalone node with one pool of the example adapter.
@@ -344,19 +406,19 @@ func (c Config) withDefaults() Config {
 		c.StartConcurrency = min(d.StartConcurrency, 4*runtime.NumCPU())
 	}
 	c.Discovery = discoveryWithDefaults(c.Discovery)
-	c.Router = c.Router.withDefaults()
+	c.Router = routerWithDefaults(c.Router)
 	if len(c.Pools) == 0 {
 		c.Pools = []PoolConfig{{Name: DefaultPoolName, Adapter: DefaultAdapter}}
 	}
 	pools := make([]PoolConfig, len(c.Pools))
 	for i, p := range c.Pools {
-		pools[i] = p.withDefaults()
+		pools[i] = poolWithDefaults(p)
 	}
 	c.Pools = pools
 	return c
 }
 
-func (p PoolConfig) withDefaults() PoolConfig {
+func poolWithDefaults(p PoolConfig) PoolConfig {
 	d := DefaultPool(p.Name, p.Adapter)
 	if p.Python == "" {
 		p.Python = d.Python
@@ -411,7 +473,43 @@ func (p PoolConfig) withDefaults() PoolConfig {
 	if p.StopGrace == 0 {
 		p.StopGrace = d.StopGrace
 	}
+	setName := func(r *policy.Ref, def string) {
+		if r.Name == "" {
+			r.Name = def
+		}
+	}
+	setName(&p.Policies.Node, DefaultNodePolicy)
+	setName(&p.Policies.SessionNode, DefaultSessionNodePolicy)
+	setName(&p.Policies.Worker, DefaultWorkerPolicy)
+	setName(&p.Policies.Queue, DefaultQueuePolicy)
+	setName(&p.Policies.Affinity, DefaultAffinityPolicy)
 	return p
+}
+
+// registry returns the policy registry of the config.
+func (c Config) registry() *policy.Registry {
+	if c.Policies != nil {
+		return c.Policies
+	}
+	return policy.Builtin()
+}
+
+// buildPolicies builds every pool's policies (c has its defaults applied);
+// errors name their keys.
+func (c Config) buildPolicies() (map[string]*policy.Set, error) {
+	reg := c.registry()
+	out := make(map[string]*policy.Set, len(c.Pools))
+	var errs []error
+	for _, p := range c.Pools {
+		env := policy.Env{Pool: p.Name, Key: fmt.Sprintf("pools[%s].policies", p.Name), Labels: c.Discovery.Labels}
+		set, err := reg.Build(env, p.Policies)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		out[p.Name] = set
+	}
+	return out, errors.Join(errs...)
 }
 
 var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
@@ -431,8 +529,8 @@ func (c Config) Validate() error {
 		bad("listen must include a port (got %q)", c.Listen)
 	}
 	validateCluster(c, bad)
-	c.TLS.validate(bad)
-	c.Router.validate(bad)
+	c.TLS.Validate(bad)
+	validateRouter(c.Router, bad)
 	if len(c.AdminIdentities) > 0 && c.TLS.ClientCAFile == "" {
 		bad("admin_identities need tls.client_ca_file to verify client certificates")
 	}
@@ -512,7 +610,16 @@ func (c Config) Validate() error {
 				bad("%s.env has an invalid variable name %q", key, k)
 			}
 		}
-		p.GPUs.validate(key, p, bad)
+		p.GPUs.Validate(key, p, bad)
+	}
+	if seen := len(seen); seen == len(c.Pools) {
+		if _, err := c.buildPolicies(); err != nil {
+			for _, e := range unjoin(err) {
+				for _, e := range unjoin(e) {
+					bad("%s", e.Error())
+				}
+			}
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -523,4 +630,108 @@ func splitHostPort(addr string) (string, string, error) {
 		return "", "", errors.New("missing port")
 	}
 	return addr[:i], addr[i+1:], nil
+}
+
+// discoveryWithDefaults fills the zero values of d with the defaults, so a
+// Config built in code without Discovery is a standalone static node.
+func discoveryWithDefaults(d discovery.Config) discovery.Config {
+	def := discovery.DefaultConfig()
+	if d.Kind == "" {
+		d.Kind = def.Kind
+	}
+	c, dc := &d.Consul, def.Consul
+	if c.Address == "" {
+		c.Address = dc.Address
+	}
+	if c.Service == "" {
+		c.Service = dc.Service
+	}
+	if c.TTL == 0 {
+		c.TTL = dc.TTL
+	}
+	if c.DeregisterCriticalAfter == 0 {
+		c.DeregisterCriticalAfter = dc.DeregisterCriticalAfter
+	}
+	if c.UpdateInterval == 0 {
+		c.UpdateInterval = dc.UpdateInterval
+	}
+	if c.WatchWait == 0 {
+		c.WatchWait = dc.WatchWait
+	}
+	return d
+}
+
+// validateCluster checks advertise and the discovery keys (c has its
+// defaults applied).
+func validateCluster(c Config, bad func(string, ...any)) {
+	if err := c.Discovery.Validate(); err != nil {
+		// Each line already names its discovery.* key.
+		for _, e := range unjoin(err) {
+			bad("%s", trimBadConfig(e))
+		}
+	}
+	if c.Advertise != "" {
+		host, port, err := net.SplitHostPort(c.Advertise)
+		p, perr := strconv.Atoi(port)
+		switch {
+		case err != nil:
+			bad("advertise must be host:port (got %q): %v", c.Advertise, err)
+		case host == "":
+			bad("advertise must name a host peers can dial (got %q)", c.Advertise)
+		case perr != nil || p < 1 || p > 65535:
+			bad("advertise port must be 1-65535 (got %q)", c.Advertise)
+		}
+		if ip, err := netip.ParseAddr(host); err == nil && ip.IsUnspecified() {
+			bad("advertise must not be a wildcard address (got %q); publish an address peers can dial", c.Advertise)
+		}
+		return
+	}
+	if c.Discovery.Kind != discovery.KindConsul {
+		return
+	}
+	host, _, err := splitHostPort(c.Listen)
+	if err != nil {
+		return // reported by the listen check
+	}
+	if host == "" || host == "[::]" {
+		bad("advertise must be set when listen has a wildcard host (listen %q): peers need an address they can dial", c.Listen)
+	} else if ip, err := netip.ParseAddr(host); err == nil && ip.IsUnspecified() {
+		bad("advertise must be set when listen has a wildcard host (listen %q): peers need an address they can dial", c.Listen)
+	}
+}
+
+// unjoin splits an errors.Join result into its errors.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// trimBadConfig drops discovery's "invalid discovery config: " prefix, so
+// the message starts with the key like every other config error.
+func trimBadConfig(err error) string {
+	msg := err.Error()
+	prefix := discovery.ErrBadConfig.Error() + ": "
+	if len(msg) > len(prefix) && msg[:len(prefix)] == prefix {
+		return msg[len(prefix):]
+	}
+	return msg
+}
+
+// AdminSocketPath resolves the admin socket of a config: admin_socket, else
+// $RUNTIME_DIRECTORY/admin.sock (systemd's RuntimeDirectory=), else
+// <state_dir>/admin.sock. "off" yields "".
+func AdminSocketPath(cfg Config) string {
+	switch cfg.AdminSocket {
+	case "off":
+		return ""
+	case "":
+	default:
+		return cfg.AdminSocket
+	}
+	if d := os.Getenv("RUNTIME_DIRECTORY"); d != "" {
+		return filepath.Join(strings.Split(d, ":")[0], "admin.sock")
+	}
+	return filepath.Join(cfg.withDefaults().StateDir, "admin.sock")
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/snakepit/snakepit/pkg/agent/call"
+	"github.com/snakepit/snakepit/pkg/agent/wire"
 	"testing"
 	"time"
 
@@ -102,9 +104,9 @@ func TestClusterCordonKeepsHeldSessions(t *testing.T) {
 	}
 	// A routed call that reaches node-1 anyway (a peer's stale view) is
 	// refused, not executed.
-	fwd := metadata.AppendToOutgoingContext(ctx, ForwardedHeader, "node-0")
+	fwd := metadata.AppendToOutgoingContext(ctx, wire.ForwardedHeader, "node-0")
 	_, err := execOn(fwd, nodes[1], &snakepitv1.ExecuteRequest{Tool: "noop"})
-	if status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != ReasonCordoned {
+	if status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != call.ReasonCordoned {
 		t.Fatalf("forwarded sessionless call to the cordoned node: %v, want UNAVAILABLE CORDONED", err)
 	}
 

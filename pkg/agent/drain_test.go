@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"github.com/snakepit/snakepit/pkg/agent/call"
 	"path/filepath"
 	"testing"
 	"time"
@@ -53,7 +54,7 @@ func TestDrainWaitsForCallsInFlight(t *testing.T) {
 	waitIntent(t, admin, func(in *snakepitv1.IntentResponse) bool { return in.GetDraining() && in.GetCordoned() })
 	// While draining: sessionless work is refused (not executed); the
 	// session whose call runs here may still call here.
-	if _, err := tn.exec(t, &snakepitv1.ExecuteRequest{Tool: "noop"}); status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != ReasonDraining {
+	if _, err := tn.exec(t, &snakepitv1.ExecuteRequest{Tool: "noop"}); status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != call.ReasonDraining {
 		t.Fatalf("new call while draining = %v, want UNAVAILABLE DRAINING", err)
 	}
 	if r, _, err := tally(t, tn, "s1", snakepitv1.Affinity_AFFINITY_STRICT_QUEUE); err != nil || n(r) != 2 {

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"github.com/snakepit/snakepit/pkg/agent/call"
 	"io"
 	"net"
 	"sync"
@@ -13,8 +14,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/rs/zerolog"
-	"github.com/sony/gobreaker/v2"
 
 	"github.com/snakepit/snakepit/internal/freeport"
 	"github.com/snakepit/snakepit/pkg/discovery"
@@ -240,7 +239,7 @@ func TestClusterForwardsToThePoolsNode(t *testing.T) {
 	}
 	_, err := execOn(ctx, nodes[0], &snakepitv1.ExecuteRequest{Tool: "add", Args: []byte(`{"a":1,"b":2}`),
 		Constraints: &snakepitv1.Constraints{Gpu: true}})
-	if status.Code(err) != codes.FailedPrecondition || errorInfo(err).GetReason() != ReasonUnsatisfiable || errorInfo(err).GetMetadata()["constraint"] != "gpu" {
+	if status.Code(err) != codes.FailedPrecondition || errorInfo(err).GetReason() != call.ReasonUnsatisfiable || errorInfo(err).GetMetadata()["constraint"] != "gpu" {
 		t.Fatalf("a GPU call in a cluster without GPUs: %v (%v), want FAILED_PRECONDITION UNSATISFIABLE naming gpu", err, errorInfo(err))
 	}
 	_, err = execOn(ctx, nodes[0], &snakepitv1.ExecuteRequest{Tool: "add", Pool: "nope"})
@@ -292,7 +291,7 @@ func TestClusterConnectionLossMidCall(t *testing.T) {
 				}
 				return
 			}
-			if status.Code(err) != codes.Aborted || errorInfo(err).GetReason() != ReasonMayHaveExecuted || errorInfo(err).GetMetadata()["node"] != "node-2" {
+			if status.Code(err) != codes.Aborted || errorInfo(err).GetReason() != call.ReasonMayHaveExecuted || errorInfo(err).GetMetadata()["node"] != "node-2" {
 				t.Fatalf("non-idempotent call whose node was cut: %v (%v), want ABORTED MAY_HAVE_EXECUTED naming node-2", err, errorInfo(err))
 			}
 		})
@@ -332,7 +331,7 @@ func TestClusterDeadNode(t *testing.T) {
 		}
 	}
 	_, err := execOn(ctx, nodes[0], &snakepitv1.ExecuteRequest{Tool: "tally", SessionId: sid, Affinity: snakepitv1.Affinity_AFFINITY_STRICT_FAIL_FAST})
-	if status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != ReasonOwnerUnavailable || errorInfo(err).GetMetadata()["owner"] != "node-2" {
+	if status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != call.ReasonOwnerUnavailable || errorInfo(err).GetMetadata()["owner"] != "node-2" {
 		t.Fatalf("strict_fail_fast with the owner dead: %v (%v), want UNAVAILABLE OWNER_UNAVAILABLE naming node-2", err, errorInfo(err))
 	}
 	r, err := execOn(ctx, nodes[0], &snakepitv1.ExecuteRequest{Tool: "tally", SessionId: sid, Affinity: snakepitv1.Affinity_AFFINITY_STRICT_QUEUE})
@@ -406,55 +405,4 @@ func (p *cutProxy) close() {
 	p.l.Close()
 	p.cut()
 	p.wg.Wait()
-}
-
-// A peer that discovery no longer lists (a node that deregistered on
-// SIGTERM, or one its TTL dropped) is kept for the break-glass lease but
-// not probed: it takes no calls, and probing a node that left only trips
-// its breaker, logs an ejection that is not one, and would hold it back
-// for a back-off when it returns. A listed peer that stopped answering is
-// probed and ejected as before.
-func TestUnlistedPeerIsNotProbed(t *testing.T) {
-	cfg := testConfig(t)
-	cfg.Router.BreakGlassLease = time.Hour // keep the unlisted peer
-	n, err := New(cfg, zerolog.Nop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.intent.load(); err != nil { // as Run does first
-		t.Fatal(err)
-	}
-	// Nothing listens at these addresses: every probe fails.
-	addrs := map[string]string{"listed": freeport.MustAddr(t), "gone": freeport.MustAddr(t)}
-	snapshot := func(ids ...string) *discovery.Snapshot {
-		dc := discovery.DefaultConfig()
-		for _, id := range ids {
-			dc.Static.Peers = append(dc.Static.Peers, discovery.StaticPeer{ID: discovery.NodeID(id), Addr: addrs[id], Pools: map[string]int{"test": 1}})
-		}
-		_, dir, err := discovery.NewStatic(dc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return dir.Current()
-	}
-	f := newForwarder(n, nil)
-	defer f.closeAll()
-	f.sync(snapshot("listed", "gone"), time.Now())
-	f.sync(snapshot("listed"), time.Now()) // "gone" left discovery
-	f.mu.Lock()
-	listed, gone := f.peers["listed"], f.peers["gone"]
-	f.mu.Unlock()
-	if listed == nil || gone == nil {
-		t.Fatalf("peers kept: listed %v, gone %v; want both (gone for the lease)", listed != nil, gone != nil)
-	}
-	ctx := context.Background()
-	for range f.cfg.BreakerFailures + 1 {
-		f.refreshIdle(ctx)
-	}
-	if s := listed.br.State(); s != gobreaker.StateOpen {
-		t.Fatalf("a listed peer that does not answer: breaker %v after %d refreshes, want open (the check proves nothing)", s, f.cfg.BreakerFailures+1)
-	}
-	if s := gone.br.State(); s != gobreaker.StateClosed {
-		t.Errorf("a peer discovery no longer lists was probed: breaker %v, want closed", s)
-	}
 }

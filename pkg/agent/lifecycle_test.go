@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"github.com/snakepit/snakepit/pkg/agent/call"
 	"math/rand/v2"
 	"os/exec"
 	"path/filepath"
@@ -161,7 +162,7 @@ func TestRestartBudgetTaintsAndDegrades(t *testing.T) {
 	}
 	// The tainted pool refuses at once instead of queueing for an hour.
 	_, err := tn.exec(t, &snakepitv1.ExecuteRequest{Tool: "noop"})
-	if status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != ReasonPoolUnavailable {
+	if status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != call.ReasonPoolUnavailable {
 		t.Fatalf("call to a tainted pool = %v, want UNAVAILABLE POOL_UNAVAILABLE", err)
 	}
 	hc := healthpb.NewHealthClient(tn.conn)
@@ -272,7 +273,7 @@ func TestChaosSigkill(t *testing.T) {
 				}
 				ei := errorInfo(err)
 				killedMu.Lock()
-				ok := status.Code(err) == codes.Unavailable && ei.GetReason() == ReasonWorkerExited && killed[ei.GetMetadata()["generation"]]
+				ok := status.Code(err) == codes.Unavailable && ei.GetReason() == call.ReasonWorkerExited && killed[ei.GetMetadata()["generation"]]
 				killedMu.Unlock()
 				if ok {
 					unavail.Add(1)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/snakepit/snakepit/pkg/agent/call"
 	"io"
 	"os"
 	"path/filepath"
@@ -150,7 +151,7 @@ func TestKilledWorkerIsNeverASilentReset(t *testing.T) {
 			// strict: an error naming the lost generation; then a new session.
 			_, _, err := tally(t, tn, id, snakepitv1.Affinity_AFFINITY_STRICT_QUEUE)
 			ei := errorInfo(err)
-			if status.Code(err) != codes.FailedPrecondition || ei.GetReason() != ReasonSessionLost || ei.GetMetadata()["generation"] == "0" {
+			if status.Code(err) != codes.FailedPrecondition || ei.GetReason() != call.ReasonSessionLost || ei.GetMetadata()["generation"] == "0" {
 				t.Errorf("strict call of %s after its worker died = %v (%v), want FAILED_PRECONDITION SESSION_LOST with the generation", id, err, ei)
 			}
 			r, resp, err := tally(t, tn, id, snakepitv1.Affinity_AFFINITY_STRICT_QUEUE)
@@ -213,7 +214,7 @@ func TestAffinityModesWhenTheWorkerIsBusy(t *testing.T) {
 		_, release := busySession(t, tn, "s")
 		defer release()
 		_, _, err := tally(t, tn, "s", snakepitv1.Affinity_AFFINITY_STRICT_FAIL_FAST)
-		if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != ReasonSessionBusy {
+		if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != call.ReasonSessionBusy {
 			t.Fatalf("strict_fail_fast = %v, want RESOURCE_EXHAUSTED SESSION_WORKER_BUSY", err)
 		}
 	})
@@ -465,7 +466,7 @@ func TestNewSessionRatePerClient(t *testing.T) {
 		}
 	}
 	_, _, err := tally(t, tn, "c", 0)
-	if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != ReasonSessionRate || errorInfo(err).GetMetadata()["client"] != "127.0.0.1" {
+	if status.Code(err) != codes.ResourceExhausted || errorInfo(err).GetReason() != call.ReasonSessionRate || errorInfo(err).GetMetadata()["client"] != "127.0.0.1" {
 		t.Fatalf("third new session = %v (%v), want RESOURCE_EXHAUSTED SESSION_RATE for 127.0.0.1", err, errorInfo(err))
 	}
 	// Existing sessions and sessionless calls are not limited.

@@ -76,8 +76,7 @@ func TestMutualTLS(t *testing.T) {
 	oCert, oKey := foreign.Issue(t, "node-x")
 	other.TLS = TLSConfig{CertFile: oCert, KeyFile: oKey}
 	xaddr := startNodeTLS(t, other, foreign)
-	n, _ := New(cfg, zerolog.Nop())
-	creds, err := n.PeerCredentials()
+	creds, err := cfg.TLS.PeerCredentials()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,8 +1,9 @@
-package agent
+package cluster
 
 import (
+	"github.com/snakepit/snakepit/pkg/agent/call"
+
 	"context"
-	"errors"
 	"sync"
 	"time"
 )
@@ -27,7 +28,7 @@ type dedupEntry struct {
 	id   string
 	at   time.Time
 	done chan struct{}
-	res  *Result
+	res  *call.Result
 	err  error
 }
 
@@ -38,7 +39,7 @@ func newDedup(window time.Duration, max int) *dedup {
 // do runs fn once per id within the window and returns its outcome to every
 // caller with that id. A caller whose ctx ends while it waits for the first
 // run gets ctx's error; the first run goes on.
-func (d *dedup) do(ctx context.Context, id string, fn func() (*Result, error)) (*Result, error) {
+func (d *dedup) do(ctx context.Context, id string, fn func() (*call.Result, error)) (*call.Result, error) {
 	now := time.Now()
 	d.mu.Lock()
 	if e, ok := d.m[id]; ok && now.Sub(e.at) < d.window {
@@ -62,7 +63,7 @@ func (d *dedup) do(ctx context.Context, id string, fn func() (*Result, error)) (
 
 	res, err := fn()
 	e.res, e.err = res, err
-	if notExecuted(err) {
+	if call.NotExecuted(err) {
 		d.mu.Lock()
 		if d.m[id] == e {
 			delete(d.m, id)
@@ -100,35 +101,4 @@ func (d *dedup) len() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return len(d.m)
-}
-
-// notExecuted reports errors that prove the call did not run on this node:
-// refused by admission (queue full, queue wait over, session worker busy,
-// session limits), the node draining or stopping, the pool unable to serve,
-// and bad requests.
-func notExecuted(err error) bool {
-	if err == nil {
-		return false
-	}
-	var (
-		qfe *QueueFullError
-		qte *QueueTimeoutError
-		sbe *SessionBusyError
-		sme *SessionLimitError
-		sre *SessionRateError
-		pue *PoolUnavailableError
-		upe *UnknownPoolError
-		ute *UnknownToolError
-		iae *InvalidArgumentError
-		dle *DeadlineError
-	)
-	switch {
-	case errors.As(err, &qfe), errors.As(err, &qte), errors.As(err, &sbe), errors.As(err, &sme), errors.As(err, &sre),
-		errors.As(err, &pue), errors.As(err, &upe), errors.As(err, &ute), errors.As(err, &iae),
-		errors.Is(err, ErrDraining), errors.Is(err, ErrCordoned), errors.Is(err, ErrShuttingDown):
-		return true
-	case errors.As(err, &dle):
-		return dle.Stage == StageQueued
-	}
-	return false
 }

@@ -1,10 +1,8 @@
-package agent
+package cluster
 
 import (
 	"context"
 	"errors"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,20 +16,9 @@ import (
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/snakepit/snakepit/pkg/agent/wire"
 	"github.com/snakepit/snakepit/pkg/client"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
-)
-
-// Metadata keys of the peer protocol.
-const (
-	// ForwardedHeader marks a call an entry node forwarded; its value is
-	// the entry node's id. A node runs such a call itself, whatever its
-	// router would choose: a call takes one hop at most.
-	ForwardedHeader = "x-snakepit-forwarded"
-	// LoadHeader is the trailer in which a node reports its load with every
-	// answer: "pool=load,pool=load", load being calls in flight plus queued
-	// per worker slot.
-	LoadHeader = "x-snakepit-load"
 )
 
 // peerConn is this node's connection to one peer and what it learnt of it:
@@ -73,12 +60,12 @@ var errNoAnswer = errors.New("no answer before the caller's deadline")
 
 // dialPeer creates the connection to a peer (it connects in the
 // background; no I/O here).
-func dialPeer(id, addr string, cfg RouterConfig, creds grpc.DialOption, onChange func(id string, to gobreaker.State)) (*peerConn, error) {
+func dialPeer(id, addr string, cfg Config, maxMsg int, creds grpc.DialOption, onChange func(id string, to gobreaker.State)) (*peerConn, error) {
 	p := &peerConn{id: id, addr: addr, probeTO: cfg.LoadRefreshInterval, failures: cfg.BreakerFailures}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	conn, err := grpc.NewClient("passthrough:///"+addr, append(client.FlowControl(), creds,
 		grpc.WithStatsHandler(sentTracker{}),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(DefaultMaxMessageBytes*2), grpc.MaxCallSendMsgSize(DefaultMaxMessageBytes*2)),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMsg*2), grpc.MaxCallSendMsgSize(maxMsg*2)),
 		// A peer that stops answering (SIGSTOP, a dead link) is noticed
 		// within Time+Timeout even when no call is running; the servers'
 		// enforcement policy allows pings every 5s.
@@ -163,8 +150,8 @@ func (p *peerConn) load(pool string) float64 {
 // heard records an answer's load trailer.
 func (p *peerConn) heard(md metadata.MD) {
 	p.lastHeard.Store(time.Now().UnixNano())
-	if v := md.Get(LoadHeader); len(v) > 0 {
-		if m := parseLoads(v[0]); m != nil {
+	if v := md.Get(wire.LoadHeader); len(v) > 0 {
+		if m := wire.ParseLoads(v[0]); m != nil {
 			p.loads.Store(&m)
 		}
 	}
@@ -222,82 +209,6 @@ func (p *peerConn) check(ctx context.Context, timeout time.Duration) (again bool
 func (p *peerConn) close() {
 	p.cancel()
 	_ = p.conn.Close()
-}
-
-// formatLoads encodes per-pool loads for LoadHeader.
-func formatLoads(names []string, loads []float64) string {
-	var b strings.Builder
-	for i, n := range names {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		b.WriteString(n)
-		b.WriteByte('=')
-		b.WriteString(strconv.FormatFloat(loads[i], 'g', 4, 64))
-	}
-	return b.String()
-}
-
-// parseLoads decodes LoadHeader; malformed entries are skipped, and nil
-// means nothing usable.
-func parseLoads(s string) map[string]float64 {
-	var m map[string]float64
-	for part := range strings.SplitSeq(s, ",") {
-		name, v, ok := strings.Cut(part, "=")
-		if !ok || name == "" {
-			continue
-		}
-		f, err := strconv.ParseFloat(v, 64)
-		if err != nil || f < 0 || f != f {
-			continue
-		}
-		if m == nil {
-			m = make(map[string]float64, 4)
-		}
-		m[name] = f
-	}
-	return m
-}
-
-// localLoads returns the node's pool names and their loads.
-func (n *Node) localLoads() ([]string, []float64) {
-	loads := make([]float64, len(n.order))
-	for i, name := range n.order {
-		loads[i] = n.pools[name].load()
-	}
-	return n.order, loads
-}
-
-// load is calls in flight plus queued per worker slot.
-func (p *Pool) load() float64 {
-	busy, queued := p.inFlight()
-	p.mu.Lock()
-	slots := len(p.ready) * p.cfg.Capacity
-	p.mu.Unlock()
-	if slots == 0 {
-		return float64(busy+queued) + 1 // nothing ready: as loaded as can be
-	}
-	return float64(busy+queued) / float64(slots)
-}
-
-// loadUnary sets LoadHeader on every answer of the Snakepit and health
-// services, so peers' routers learn this node's load without asking.
-func (n *Node) loadUnary() grpc.UnaryServerInterceptor {
-	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-		resp, err := handler(ctx, req)
-		names, loads := n.localLoads()
-		_ = grpc.SetTrailer(ctx, metadata.Pairs(LoadHeader, formatLoads(names, loads)))
-		return resp, err
-	}
-}
-
-func (n *Node) loadStream() grpc.StreamServerInterceptor {
-	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		err := handler(srv, ss)
-		names, loads := n.localLoads()
-		ss.SetTrailer(metadata.Pairs(LoadHeader, formatLoads(names, loads)))
-		return err
-	}
 }
 
 // sentTracker is the client stats handler that tells whether a call's

@@ -1,7 +1,17 @@
-package agent
+// Package cluster is the node's cluster layer: for every call it decides
+// which node runs it (the pool's node selector over the routing table of
+// the peers discovery lists), and runs it there in one hop, locally
+// through the pool engine (the Local interface) or forwarded over gRPC. It
+// owns what that takes: one connection per peer with its circuit breaker,
+// the peers' load signals, the retry budget, the affinity modes across
+// nodes (strict owners, the break-glass lease) and the deduplication of
+// caller-supplied request ids on the executing node (docs/forwarding.md).
+// Routing happens here, before the engine; the engine never routes.
+package cluster
 
 import (
 	"context"
+	crand "crypto/rand"
 	"errors"
 	"fmt"
 	"math"
@@ -14,51 +24,24 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/sony/gobreaker/v2"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/snakepit/snakepit/pkg/agent/call"
+	"github.com/snakepit/snakepit/pkg/agent/policy"
+	"github.com/snakepit/snakepit/pkg/agent/wire"
 	"github.com/snakepit/snakepit/pkg/discovery"
 	"github.com/snakepit/snakepit/pkg/router"
-	"github.com/snakepit/snakepit/pkg/worker"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
 
-// Defaults of the cluster router (config section router.*).
-const (
-	// DefaultDedupWindow is how long a caller-supplied request id is
-	// remembered by the node that executed it.
-	DefaultDedupWindow = 5 * time.Minute
-	// DefaultDedupMaxEntries bounds the request ids remembered.
-	DefaultDedupMaxEntries = 100000
-	// DefaultBreakGlassLease is how long a strict_queue session waits for
-	// its unhealthy owner before the next-ranked node takes it over.
-	DefaultBreakGlassLease = 30 * time.Second
-	// DefaultRetryBudgetRatio and DefaultRetryBudgetMin bound retries to
-	// other nodes: allowed while retries over the last 10s are below this
-	// fraction of requests, or below the minimum.
-	DefaultRetryBudgetRatio = 0.1
-	DefaultRetryBudgetMin   = 10
-	// DefaultLoadRefreshInterval is how often a peer that sent no answer
-	// recently is asked for its health and load; it also bounds each
-	// liveness probe of a peer that let a call time out.
-	DefaultLoadRefreshInterval = time.Second
-	// DefaultBreakerFailures consecutive failures to a peer (lost
-	// connections, failed health checks or liveness probes) eject it from
-	// this node's choices for DefaultBreakerBackoff; then one probe decides
-	// whether it is readmitted.
-	DefaultBreakerFailures = 3
-	DefaultBreakerBackoff  = 5 * time.Second
-	// DefaultMaxCandidates is how many nodes one call may be tried on.
-	DefaultMaxCandidates = router.DefaultMax
-)
-
-// RouterConfig configures the cluster router (config section router).
-type RouterConfig struct {
+// Config configures the cluster layer (config section router). The node
+// fills every field; its defaults live in pkg/agent.
+type Config struct {
 	// DedupWindow is how long the executing node remembers a
 	// caller-supplied request id and its outcome.
 	DedupWindow time.Duration `mapstructure:"dedup_window"`
@@ -81,144 +64,79 @@ type RouterConfig struct {
 	MaxCandidates int `mapstructure:"max_candidates"`
 }
 
-// DefaultRouterConfig returns the router's defaults.
-func DefaultRouterConfig() RouterConfig {
-	return RouterConfig{
-		DedupWindow:         DefaultDedupWindow,
-		DedupMaxEntries:     DefaultDedupMaxEntries,
-		BreakGlassLease:     DefaultBreakGlassLease,
-		RetryBudgetRatio:    DefaultRetryBudgetRatio,
-		RetryBudgetMin:      DefaultRetryBudgetMin,
-		LoadRefreshInterval: DefaultLoadRefreshInterval,
-		BreakerFailures:     DefaultBreakerFailures,
-		BreakerBackoff:      DefaultBreakerBackoff,
-		MaxCandidates:       DefaultMaxCandidates,
-	}
+// Local is the pool engine of this node, as the cluster layer uses it.
+type Local interface {
+	// Execute runs a call here (engine.Engine.Execute).
+	Execute(ctx context.Context, req *call.Request, emit func([]byte) error) (*call.Result, error)
+	// DefaultPool is the pool of requests that name none.
+	DefaultPool() string
+	// Pools lists the node's pools.
+	Pools() []string
+	// Slots is a pool's worker slots (0: not here).
+	Slots(pool string) int
+	// Load is a pool's load now (NaN: not here).
+	Load(pool string) float64
+	// CallTimeout is a pool's call_timeout, false when not here.
+	CallTimeout(pool string) (time.Duration, bool)
+	// Healthy says whether every pool can serve.
+	Healthy() bool
+	// Admission says whether the node is cordoned and whether draining.
+	Admission() (cordoned, draining bool)
 }
-
-func (c RouterConfig) withDefaults() RouterConfig {
-	d := DefaultRouterConfig()
-	if c.DedupWindow == 0 {
-		c.DedupWindow = d.DedupWindow
-	}
-	if c.DedupMaxEntries == 0 {
-		c.DedupMaxEntries = d.DedupMaxEntries
-	}
-	if c.BreakGlassLease == 0 {
-		c.BreakGlassLease = d.BreakGlassLease
-	}
-	if c.RetryBudgetRatio == 0 {
-		c.RetryBudgetRatio = d.RetryBudgetRatio
-	}
-	if c.RetryBudgetMin == 0 {
-		c.RetryBudgetMin = d.RetryBudgetMin
-	}
-	if c.LoadRefreshInterval == 0 {
-		c.LoadRefreshInterval = d.LoadRefreshInterval
-	}
-	if c.BreakerFailures == 0 {
-		c.BreakerFailures = d.BreakerFailures
-	}
-	if c.BreakerBackoff == 0 {
-		c.BreakerBackoff = d.BreakerBackoff
-	}
-	if c.MaxCandidates == 0 {
-		c.MaxCandidates = d.MaxCandidates
-	}
-	return c
-}
-
-func (c RouterConfig) validate(bad func(string, ...any)) {
-	for _, d := range []struct {
-		key string
-		v   time.Duration
-	}{{"dedup_window", c.DedupWindow}, {"break_glass_lease", c.BreakGlassLease},
-		{"load_refresh_interval", c.LoadRefreshInterval}, {"breaker_backoff", c.BreakerBackoff}} {
-		if d.v < 0 {
-			bad("router.%s must not be negative (got %s)", d.key, d.v)
-		}
-	}
-	if c.DedupMaxEntries < 0 || c.RetryBudgetMin < 0 || c.BreakerFailures < 0 {
-		bad("router.dedup_max_entries, retry_budget_min and breaker_failures must not be negative (got %d, %d, %d)",
-			c.DedupMaxEntries, c.RetryBudgetMin, c.BreakerFailures)
-	}
-	if c.RetryBudgetRatio < 0 || c.RetryBudgetRatio > 1 || math.IsNaN(c.RetryBudgetRatio) {
-		bad("router.retry_budget_ratio must be between 0 and 1 (got %g)", c.RetryBudgetRatio)
-	}
-	if c.MaxCandidates < 0 || c.MaxCandidates > 16 {
-		bad("router.max_candidates must be between 1 and 16 (got %d)", c.MaxCandidates)
-	}
-}
-
-// Errors of the cluster router.
-type (
-	// MayHaveExecutedError: the call was sent to Node and the connection
-	// failed before its answer came; it may have run there. It is not
-	// retried elsewhere because it was not marked idempotent.
-	MayHaveExecutedError struct {
-		Node      string
-		RequestID string
-		Err       error
-	}
-	// OwnerUnavailableError: a strict-affinity session's owner cannot take
-	// the call (strict_fail_fast: now; strict_queue: within the deadline,
-	// before the break-glass lease ran out).
-	OwnerUnavailableError struct {
-		Pool      string
-		SessionID string
-		Owner     string
-		Mode      Affinity
-		Reason    string
-	}
-	// PeerUnavailableError: the call could not be delivered to Node (not
-	// executed).
-	PeerUnavailableError struct {
-		Node string
-		Err  error
-	}
-	// remoteError is a peer's own answer to a forwarded call, passed on to
-	// the caller unchanged.
-	remoteError struct {
-		node string
-		st   *status.Status
-	}
-)
-
-func (e *MayHaveExecutedError) Error() string {
-	return fmt.Sprintf("call may have executed on node %s: the connection failed after the call was sent, and the call is not marked idempotent, so it was not retried: %v", e.Node, e.Err)
-}
-
-func (e *MayHaveExecutedError) Unwrap() error { return e.Err }
-
-func (e *OwnerUnavailableError) Error() string {
-	return fmt.Sprintf("session %q of pool %q: its owner %s is unavailable (%s) and affinity is %s", e.SessionID, e.Pool, e.Owner, e.Reason, e.Mode)
-}
-
-func (e *PeerUnavailableError) Error() string {
-	return fmt.Sprintf("node %s could not take the call (not executed): %v", e.Node, e.Err)
-}
-
-func (e *PeerUnavailableError) Unwrap() error { return e.Err }
-
-func (e *remoteError) Error() string { return e.st.Message() }
-
-// GRPCStatus lets status.FromError see the peer's status.
-func (e *remoteError) GRPCStatus() *status.Status { return e.st }
 
 // PeerSource gives the cluster's peers: discovery.Directory has it.
 type PeerSource interface {
 	Current() *discovery.Snapshot
 }
 
-// forwarder is the node's cluster router: for each call it ranks the
-// nodes with pkg/router and runs the call on the first that takes it,
-// locally or forwarded in one hop (docs/forwarding.md).
-type forwarder struct {
-	n      *Node
-	cfg    RouterConfig
-	log    zerolog.Logger
-	creds  grpc.DialOption
-	budget *retryBudget
+// Observer is told what the cluster layer does (the node's metrics).
+type Observer interface {
+	Forwarded(peer, outcome string)
+	Retried(reason string)
+	Ejected(peer string)
+}
+
+// Deps are what the cluster layer is given.
+type Deps struct {
+	Log zerolog.Logger
+	// NodeID is this node's id.
+	NodeID string
+	// Local is this node's pool engine.
+	Local Local
+	// Peers is discovery's view of the cluster.
+	Peers PeerSource
+	// Creds dial peers (nil: plaintext).
+	Creds credentials.TransportCredentials
+	// Policies returns a pool's policies; nil, or a nil Set, means the
+	// shipped defaults.
+	Policies func(pool string) *policy.Set
+	// CallTimeout is the deadline of calls for pools this node lacks.
+	CallTimeout time.Duration
+	// MaxMessageBytes sizes the messages to peers.
+	MaxMessageBytes int
+	// Observer may be nil.
+	Observer Observer
+}
+
+type nopObserver struct{}
+
+func (nopObserver) Forwarded(string, string) {}
+func (nopObserver) Retried(string)           {}
+func (nopObserver) Ejected(string)           {}
+
+// Router is the node's cluster layer. Create it with New; calls run here
+// (without routing) until Run has its first snapshot.
+type Router struct {
+	cfg      Config
+	d        Deps
+	log      zerolog.Logger
+	obs      Observer
+	creds    grpc.DialOption
+	budget   *retryBudget
+	dedup    *dedup
+	defaults *policy.Set
+	reqBase  string
+	reqSeq   atomic.Uint64
 
 	state atomic.Pointer[routeState]
 
@@ -229,6 +147,31 @@ type forwarder struct {
 	lastSt string                    // fingerprint of the local peer state
 	snap   *discovery.Snapshot
 	rebuld chan struct{}
+}
+
+// New builds the cluster layer. It does no I/O.
+func New(cfg Config, deps Deps) *Router {
+	creds := grpc.WithTransportCredentials(insecure.NewCredentials())
+	if deps.Creds != nil {
+		creds = grpc.WithTransportCredentials(deps.Creds)
+	}
+	r := &Router{
+		cfg: cfg, d: deps, creds: creds, obs: deps.Observer,
+		log:      deps.Log.With().Str("component", "router").Logger(),
+		budget:   newRetryBudget(cfg.RetryBudgetRatio, cfg.RetryBudgetMin),
+		dedup:    newDedup(cfg.DedupWindow, cfg.DedupMaxEntries),
+		defaults: policy.Default(),
+		peers:    make(map[string]*peerConn),
+		info:     make(map[string]discovery.Peer),
+		rebuld:   make(chan struct{}, 1),
+	}
+	if r.obs == nil {
+		r.obs = nopObserver{}
+	}
+	var b [6]byte
+	_, _ = crand.Read(b[:])
+	r.reqBase = fmt.Sprintf("%x-", b)
+	return r
 }
 
 // routeState is what one call needs, swapped whole on every change.
@@ -245,96 +188,57 @@ type routeState struct {
 	changed chan struct{}
 }
 
-// tableFor returns the table that ranks req.
-func (st *routeState) tableFor(req *Request) *router.Table {
-	if req.SessionID != "" {
-		return st.sessions
-	}
-	return st.table
-}
-
-// run is Run for Serve, which logs its error (a TLS file that cannot be
-// read: the node then serves locally only).
-func (f *forwarder) run(ctx context.Context, src PeerSource) {
-	if err := f.Run(ctx, src); err != nil {
-		f.log.Error().Err(err).Msg("cluster router not started; calls run on this node only")
-	}
-}
-
-// newForwarder builds the cluster router of n. creds are the transport
-// credentials to dial peers with (nil: plaintext). No I/O.
-func newForwarder(n *Node, creds grpc.DialOption) *forwarder {
-	if creds == nil {
-		creds = grpc.WithTransportCredentials(insecure.NewCredentials())
-	}
-	cfg := n.cfg.Router
-	return &forwarder{
-		n: n, cfg: cfg, creds: creds,
-		log:    n.baseLog.With().Str("component", "router").Logger(),
-		budget: newRetryBudget(cfg.RetryBudgetRatio, cfg.RetryBudgetMin),
-		peers:  make(map[string]*peerConn),
-		info:   make(map[string]discovery.Peer),
-		rebuld: make(chan struct{}, 1),
-	}
-}
-
-// Run follows src's snapshots, keeps one connection per peer, refreshes
-// idle peers' load every load_refresh_interval, and rebuilds the routing
-// table on every change, until ctx is done; then it closes the peer
-// connections and returns nil. Calls are routed only while Run runs (and
-// run locally before its first snapshot).
-func (f *forwarder) Run(ctx context.Context, src PeerSource) error {
-	creds, err := f.n.PeerCredentials()
-	if err != nil {
-		return err
-	}
-	if creds != nil {
-		f.creds = grpc.WithTransportCredentials(creds)
-	}
-	defer f.closeAll()
-	tick := time.NewTicker(f.cfg.LoadRefreshInterval)
+// Run follows the peer source's snapshots, keeps one connection per peer,
+// refreshes idle peers' load every load_refresh_interval, and rebuilds the
+// routing table on every change, until ctx is done; then it closes the
+// peer connections and returns nil. Calls are routed only while Run runs
+// (and run locally before its first snapshot).
+func (r *Router) Run(ctx context.Context) error {
+	defer r.closeAll()
+	tick := time.NewTicker(r.cfg.LoadRefreshInterval)
 	defer tick.Stop()
 	for {
-		snap := src.Current()
-		f.sync(snap, time.Now())
+		snap := r.d.Peers.Current()
+		r.sync(snap, time.Now())
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-snap.Changed():
-		case <-f.rebuld:
+		case <-r.rebuld:
 		case <-tick.C:
-			f.refreshIdle(ctx)
+			r.refreshIdle(ctx)
 		}
 	}
 }
 
-func (f *forwarder) closeAll() {
-	if old := f.state.Swap(nil); old != nil {
+func (r *Router) closeAll() {
+	if old := r.state.Swap(nil); old != nil {
 		close(old.changed)
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for id, p := range f.peers {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for id, p := range r.peers {
 		p.close()
-		delete(f.peers, id)
+		delete(r.peers, id)
 	}
 }
 
 // breakerChanged counts an ejection and asks Run to rebuild the table.
-func (f *forwarder) breakerChanged(id string, to gobreaker.State) {
+func (r *Router) breakerChanged(id string, to gobreaker.State) {
 	if to == gobreaker.StateOpen {
-		f.n.metrics.ejections.WithLabelValues(id).Inc()
-		f.log.Warn().Str("node_id", id).Dur("backoff", f.cfg.BreakerBackoff).Msg("peer ejected: calls to it failed or it stopped answering")
+		r.obs.Ejected(id)
+		r.log.Warn().Str("node_id", id).Dur("backoff", r.cfg.BreakerBackoff).Msg("peer ejected: calls to it failed or it stopped answering")
 	} else if to == gobreaker.StateClosed {
-		f.log.Info().Str("node_id", id).Msg("peer readmitted")
+		r.log.Info().Str("node_id", id).Msg("peer readmitted")
 	}
-	f.kick()
+	r.Kick()
 }
 
-// kick asks Run to rebuild the table.
-func (f *forwarder) kick() {
+// Kick asks Run to rebuild the routing table now: the node's own health or
+// admission changed. It does not block.
+func (r *Router) Kick() {
 	select {
-	case f.rebuld <- struct{}{}:
+	case r.rebuld <- struct{}{}:
 	default:
 	}
 }
@@ -342,38 +246,38 @@ func (f *forwarder) kick() {
 // sync applies a snapshot: new peers are dialled, departed ones kept (as
 // unhealthy, for strict sessions' break-glass lease) and then closed, and
 // the table rebuilt when anything routing depends on changed.
-func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	local := f.n.cfg.NodeID
-	changed := snap != f.snap
-	f.snap = snap
+func (r *Router) sync(snap *discovery.Snapshot, now time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	local := r.d.NodeID
+	changed := snap != r.snap
+	r.snap = snap
 	if changed {
 		listed := map[string]bool{}
-		f.self = nil
+		r.self = nil
 		for _, dp := range snap.Peers() {
 			id := string(dp.ID)
 			if id == local {
-				f.self = &dp
+				r.self = &dp
 				continue
 			}
 			listed[id] = dp.Healthy
-			pc := f.peers[id]
+			pc := r.peers[id]
 			if pc != nil && pc.addr != dp.Addr {
 				pc.close()
 				pc = nil
 			}
 			if pc == nil {
 				var err error
-				if pc, err = dialPeer(id, dp.Addr, f.cfg, f.creds, f.breakerChanged); err != nil {
-					f.log.Warn().Err(err).Str("node_id", id).Str("addr", dp.Addr).Msg("cannot dial peer")
+				if pc, err = dialPeer(id, dp.Addr, r.cfg, r.d.MaxMessageBytes, r.creds, r.breakerChanged); err != nil {
+					r.log.Warn().Err(err).Str("node_id", id).Str("addr", dp.Addr).Msg("cannot dial peer")
 					continue
 				}
-				f.peers[id] = pc
+				r.peers[id] = pc
 			}
-			f.info[id] = dp
+			r.info[id] = dp
 		}
-		for id, pc := range f.peers {
+		for id, pc := range r.peers {
 			h, ok := listed[id]
 			pc.mu.Lock()
 			pc.listed = ok && h
@@ -389,32 +293,32 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 		}
 	}
 	// Forget peers gone longer than the lease.
-	for id, pc := range f.peers {
+	for id, pc := range r.peers {
 		pc.mu.Lock()
-		gone := !pc.goneAt.IsZero() && now.Sub(pc.goneAt) > f.cfg.BreakGlassLease
+		gone := !pc.goneAt.IsZero() && now.Sub(pc.goneAt) > r.cfg.BreakGlassLease
 		pc.mu.Unlock()
 		if gone {
 			pc.close()
-			delete(f.peers, id)
-			delete(f.info, id)
+			delete(r.peers, id)
+			delete(r.info, id)
 			changed = true
 		}
 	}
-	self := f.localPeer()
+	self := r.localPeer()
 	fp := fmt.Sprint(self.Healthy, self.Cordoned, self.Draining, self.Pools)
-	for _, pc := range f.peers {
+	for _, pc := range r.peers {
 		pc.down(now) // starts (or stops) the peer's down clock
 		// The breaker's state too: a change wakes strict_queue waiters.
 		fp += fmt.Sprint(pc.id, pc.usable(), pc.br.State())
 	}
-	if !changed && fp == f.lastSt && f.state.Load() != nil {
+	if !changed && fp == r.lastSt && r.state.Load() != nil {
 		return
 	}
-	f.lastSt = fp
+	r.lastSt = fp
 	peers := []router.Peer{self}
 	conns := []*peerConn{nil}
-	for id, pc := range f.peers {
-		dp := f.info[id]
+	for id, pc := range r.peers {
+		dp := r.info[id]
 		rp := routerPeer(dp)
 		pc.mu.Lock()
 		rp.Healthy = pc.listed
@@ -424,7 +328,7 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 	}
 	t, err := router.NewTable(peers, router.NodeID(local))
 	if err != nil {
-		f.log.Error().Err(err).Msg("cannot build the routing table; keeping the previous one")
+		r.log.Error().Err(err).Msg("cannot build the routing table; keeping the previous one")
 		return
 	}
 	for i := range peers {
@@ -432,7 +336,7 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 	}
 	ts, err := router.NewTable(peers, router.NodeID(local))
 	if err != nil {
-		f.log.Error().Err(err).Msg("cannot build the session routing table; keeping the previous one")
+		r.log.Error().Err(err).Msg("cannot build the session routing table; keeping the previous one")
 		return
 	}
 	// Both tables index peers in order of ID: one conns slice serves both.
@@ -441,7 +345,7 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 		j, _ := t.Index(p.ID)
 		byIndex[j] = conns[i]
 	}
-	old := f.state.Swap(&routeState{table: t, sessions: ts, conns: byIndex, changed: make(chan struct{})})
+	old := r.state.Swap(&routeState{table: t, sessions: ts, conns: byIndex, changed: make(chan struct{})})
 	if old != nil {
 		close(old.changed)
 	}
@@ -450,23 +354,20 @@ func (f *forwarder) sync(snap *discovery.Snapshot, now time.Time) {
 // localPeer describes this node to its own router: as published when
 // discovery lists it (so every router of the cluster weighs it the same),
 // with its live health, cordon and drain state.
-func (f *forwarder) localPeer() router.Peer {
+func (r *Router) localPeer() router.Peer {
 	var rp router.Peer
-	if f.self != nil {
-		rp = routerPeer(*f.self)
+	if r.self != nil {
+		rp = routerPeer(*r.self)
 	} else {
-		rp.Pools = make(map[string]int, len(f.n.order))
-		for _, name := range f.n.order {
-			p := f.n.pools[name]
-			p.mu.Lock()
-			rp.Pools[name] = len(p.slots) * p.cfg.Capacity
-			p.mu.Unlock()
+		pools := r.d.Local.Pools()
+		rp.Pools = make(map[string]int, len(pools))
+		for _, name := range pools {
+			rp.Pools[name] = r.d.Local.Slots(name)
 		}
 	}
-	rp.ID = router.NodeID(f.n.cfg.NodeID)
-	rp.Healthy = f.n.Healthy()
-	in := f.n.intent.get()
-	rp.Cordoned, rp.Draining = in.Cordoned, in.Draining
+	rp.ID = router.NodeID(r.d.NodeID)
+	rp.Healthy = r.d.Local.Healthy()
+	rp.Cordoned, rp.Draining = r.d.Local.Admission()
 	return rp
 }
 
@@ -489,11 +390,11 @@ func routerPeer(dp discovery.Peer) router.Peer {
 // refreshIdle asks every peer that discovery lists as healthy and that was
 // not heard from within the refresh interval for its health and load, in
 // parallel, each bounded by the interval.
-func (f *forwarder) refreshIdle(ctx context.Context) {
-	f.mu.Lock()
+func (r *Router) refreshIdle(ctx context.Context) {
+	r.mu.Lock()
 	var idle []*peerConn
-	cut := time.Now().Add(-f.cfg.LoadRefreshInterval).UnixNano()
-	for _, pc := range f.peers {
+	cut := time.Now().Add(-r.cfg.LoadRefreshInterval).UnixNano()
+	for _, pc := range r.peers {
 		pc.mu.Lock()
 		listed := pc.listed
 		pc.mu.Unlock()
@@ -515,28 +416,12 @@ func (f *forwarder) refreshIdle(ctx context.Context) {
 			idle = append(idle, pc)
 		}
 	}
-	f.mu.Unlock()
+	r.mu.Unlock()
 	var wg sync.WaitGroup
 	for _, pc := range idle {
-		wg.Go(func() { pc.check(ctx, f.cfg.LoadRefreshInterval) })
+		wg.Go(func() { pc.check(ctx, r.cfg.LoadRefreshInterval) })
 	}
 	wg.Wait()
-}
-
-type localOnlyKey struct{}
-
-// routed reports whether the call reached this node through a router: this
-// node's (it chose this node) or an entry node's (forwarded).
-func routed(ctx context.Context) bool {
-	return ctx.Value(localOnlyKey{}) != nil || forwardedBy(ctx) != ""
-}
-
-// forwardedBy returns the entry node of a forwarded call, "" otherwise.
-func forwardedBy(ctx context.Context) string {
-	if v := metadata.ValueFromIncomingContext(ctx, ForwardedHeader); len(v) > 0 {
-		return v[0]
-	}
-	return ""
 }
 
 // outcome classifies one attempt.
@@ -544,81 +429,111 @@ type outcome int
 
 const (
 	done       outcome = iota // an answer (result or the executing node's error): final
-	notStarted                // provably not executed: try the next candidate
+	notStarted                // provably not executed, and another node may: try the next candidate
 	unknown                   // may have executed: retry only if idempotent
 )
 
-// route runs req where it belongs. handled is false when the call should
-// simply run here: it was forwarded to this node (one hop at most), the
-// router has no table yet, or this node is alone and the call has no
-// placement constraints.
-func (f *forwarder) route(ctx context.Context, req *Request, emit func([]byte) error) (res *Result, err error, handled bool) {
-	if ctx.Value(localOnlyKey{}) != nil || forwardedBy(ctx) != "" {
-		return nil, nil, false
+func (r *Router) policies(pool string) *policy.Set {
+	if r.d.Policies != nil {
+		if s := r.d.Policies(pool); s != nil {
+			return s
+		}
 	}
-	st := f.state.Load()
-	if st == nil {
-		return nil, nil, false
-	}
-	if st.table.Len() == 1 && noConstraints(req.Need) {
-		return nil, nil, false
+	return r.defaults
+}
+
+func (r *Router) newID() string {
+	return r.reqBase + strconv.FormatUint(r.reqSeq.Add(1), 10)
+}
+
+// Execute runs a call where it belongs: this node's entry point for every
+// call. It checks the request, gives it a deadline (the pool's
+// call_timeout when the caller set none), and either runs it here (it was
+// forwarded here, the router has no table yet, or this node is alone and
+// the call has no placement constraints) or ranks the nodes with the
+// pool's node selector and runs it on the first that takes it, here or
+// forwarded in one hop. A caller-supplied request id is deduplicated on
+// the node that executes the call. With emit set the call is a stream.
+func (r *Router) Execute(ctx context.Context, req *call.Request, emit func([]byte) error) (*call.Result, error) {
+	if err := req.Check(); err != nil {
+		return nil, err
 	}
 	pool := req.Pool
 	if pool == "" {
-		pool = f.n.order[0]
-	}
-	if req.CorrelationID == "" {
-		req.CorrelationID = f.n.reqBase + strconv.FormatUint(f.n.reqSeq.Add(1), 10)
+		pool = r.d.Local.DefaultPool()
 	}
 	if _, ok := ctx.Deadline(); !ok {
-		timeout := DefaultCallTimeout
-		if p, ok := f.n.pools[pool]; ok {
-			timeout = p.cfg.CallTimeout
+		timeout, ok := r.d.Local.CallTimeout(pool)
+		if !ok {
+			timeout = r.d.CallTimeout
 		}
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
-	rq := router.Request{SessionID: req.SessionID, Pool: pool, Need: req.Need, Max: f.cfg.MaxCandidates, Rand: rand.Uint64()}
+	if req.ForwardedBy != "" {
+		req.Routed = true
+		return r.runLocal(ctx, req, emit)
+	}
+	set := r.policies(pool)
+	need := set.Constraints(req.Need)
+	st := r.state.Load()
+	if st == nil || st.table.Len() == 1 && noConstraints(need) {
+		return r.runLocal(ctx, req, emit)
+	}
+	if req.CorrelationID == "" {
+		req.CorrelationID = r.newID()
+	}
+	rq := router.Request{SessionID: req.SessionID, Pool: pool, Need: need, Max: r.cfg.MaxCandidates, Rand: rand.Uint64()}
 	if rq.SessionID == "" && req.RequestID != "" {
 		// A caller-supplied request id is placed like a session, so a retry
 		// through any node reaches the node that deduplicates it.
 		rq.SessionID = "request:" + req.RequestID
 	}
-	if req.SessionID != "" && req.Affinity != AffinityHint {
-		res, err := f.strict(ctx, st, req, rq)
-		return res, err, true
+	if req.SessionID != "" {
+		if aff := set.AffinityFor(req.Affinity); aff.OwnerOnly() {
+			res, err := r.strict(ctx, st, set, aff, req, rq)
+			return res, r.explain(set, err)
+		}
 	}
 	for i := 0; i < st.table.Len(); i++ {
 		if pc := st.conns[i]; pc != nil && !pc.usable() {
 			rq.Exclude = append(rq.Exclude, router.NodeID(pc.id))
 		}
 	}
+	sel, table := set.Node, st.table
+	if rq.SessionID != "" {
+		sel = set.SessionNode
+	}
+	if req.SessionID != "" {
+		table = st.sessions
+	}
 	var buf [16]router.Candidate
-	cands, err := st.tableFor(req).Rank(rq, poolLoads{st: st, n: f.n, pool: pool}, buf[:0])
+	cands, err := sel.Select(table, &rq, poolLoads{st: st, local: r.d.Local, pool: pool}, buf[:0])
 	if err != nil {
-		return nil, err, true
+		return nil, r.explain(set, err)
 	}
 	now := time.Now()
-	f.budget.request(now)
+	r.budget.request(now)
 	var last error
 	for i, c := range cands {
 		// Moving past a cordoned node's refusal is placement, not a retry:
 		// it costs the retry budget nothing.
-		if i > 0 && !isReasonErr(last, ReasonCordoned) && !f.budget.allowRetry(now) {
-			f.log.Debug().Str("request_id", req.RequestID).Msg("retry budget spent")
+		if i > 0 && call.ReasonOf(last) != call.ReasonCordoned && !r.budget.allowRetry(now) {
+			r.log.Debug().Str("request_id", req.RequestID).Msg("retry budget spent")
 			break
 		}
 		if i > 0 {
-			f.n.metrics.retries.WithLabelValues(retryReason(last)).Inc()
+			r.obs.Retried(retryReason(last))
 		}
-		res, err, oc := f.attempt(ctx, st, c, req, emit)
+		req.Movable = i < len(cands)-1
+		res, err, oc := r.attempt(ctx, st, c, req, emit)
 		switch oc {
 		case done:
-			return res, err, true
+			return res, err
 		case unknown:
 			if !req.Idempotent || emit != nil {
-				return nil, &MayHaveExecutedError{Node: string(c.ID), RequestID: req.RequestID, Err: err}, true
+				return nil, &call.MayHaveExecutedError{Node: string(c.ID), RequestID: req.RequestID, Err: err}
 			}
 			err = &fateUnknownError{err}
 		}
@@ -627,65 +542,95 @@ func (f *forwarder) route(ctx context.Context, req *Request, emit func([]byte) e
 			break
 		}
 	}
-	return nil, last, true
+	return nil, last
 }
 
-// strict routes a session call in strict_queue or strict_fail_fast mode:
-// only the owner, ranked with unhealthy peers included so a down owner
-// stays the owner; strict_fail_fast fails at once when it is down,
-// strict_queue waits for it (woken by every routing change), and once it
-// has been down past the break-glass lease hands the session to the
-// next-ranked node. A cordoned owner that does not hold the session
-// refuses it (not executed): the session is new, and is placed on the
-// next-ranked node.
-func (f *forwarder) strict(ctx context.Context, st *routeState, req *Request, rq router.Request) (*Result, error) {
+// explain names the pool's node filters in an unsatisfiable placement.
+func (r *Router) explain(set *policy.Set, err error) error {
+	var use *router.UnsatisfiableError
+	if set.FilterKey != "" && errors.As(err, &use) {
+		use.Detail += "; the pool's " + set.FilterKey + " require it"
+	}
+	return err
+}
+
+// runLocal runs a call on this node's engine, deduplicating a
+// caller-supplied request id (unary calls; a stream's items cannot be
+// replayed).
+func (r *Router) runLocal(ctx context.Context, req *call.Request, emit func([]byte) error) (*call.Result, error) {
+	callerID := req.RequestID != ""
+	if !callerID {
+		req.RequestID = r.newID()
+	}
+	if req.CorrelationID == "" {
+		req.CorrelationID = req.RequestID
+	}
+	if callerID && emit == nil {
+		return r.dedup.do(ctx, req.RequestID, func() (*call.Result, error) { return r.d.Local.Execute(ctx, req, nil) })
+	}
+	return r.d.Local.Execute(ctx, req, emit)
+}
+
+// strict routes a session call whose affinity policy allows only the
+// owner: ranked with unhealthy peers included so a down owner stays the
+// owner. When the owner is down, the policy decides: fail now, wait for it
+// (woken by every routing change) or, past the break-glass lease, hand the
+// session to the next-ranked node. A cordoned owner that does not hold the
+// session refuses it (not executed): the session is new, and is placed on
+// the next-ranked node.
+func (r *Router) strict(ctx context.Context, st *routeState, set *policy.Set, aff policy.AffinityPolicy, req *call.Request, rq router.Request) (*call.Result, error) {
 	rq.IncludeUnhealthy, rq.Max = true, 1
+	req.Movable = false
 	var buf [1]router.Candidate
 	for {
-		cands, err := st.sessions.Rank(rq, nil, buf[:0])
+		cands, err := set.SessionNode.Select(st.sessions, &rq, nil, buf[:0])
 		if err != nil {
 			return nil, err
 		}
 		c := cands[0]
 		now := time.Now()
 		isDown, since := false, time.Time{}
-		reason := "unhealthy"
+		why := "unhealthy"
 		if pc := st.conns[c.Index]; pc != nil {
 			isDown, since = pc.down(now)
 			if !pc.usable() {
-				reason = "unreachable or ejected"
+				why = "unreachable or ejected"
 			}
 		} else {
 			isDown = !c.Healthy
 		}
-		ownerErr := &OwnerUnavailableError{Pool: rq.Pool, SessionID: req.SessionID, Owner: string(c.ID), Mode: req.Affinity, Reason: reason}
-		if req.Affinity == AffinityStrictQueue && !since.IsZero() && now.Sub(since) >= f.cfg.BreakGlassLease {
+		var downFor time.Duration
+		if !since.IsZero() {
+			downFor = now.Sub(since)
+		}
+		ownerErr := &call.OwnerUnavailableError{Pool: rq.Pool, SessionID: req.SessionID, Owner: string(c.ID), Mode: aff.Mode(), Why: why}
+		if !since.IsZero() && aff.OwnerDown(downFor, r.cfg.BreakGlassLease) == policy.TakeOver {
 			// Break glass: the owner has been down (failing every probe)
 			// for the lease; the next-ranked node takes the session over.
-			f.log.Warn().Str("session_id", req.SessionID).Str("owner", string(c.ID)).Dur("down_for", now.Sub(since)).
+			r.log.Warn().Str("session_id", req.SessionID).Str("owner", string(c.ID)).Dur("down_for", downFor).
 				Msg("strict session owner down past the break-glass lease; moving the session")
 			rq.Exclude = append(rq.Exclude, c.ID)
 			rq.IncludeUnhealthy = false
 			continue
 		}
 		if !isDown {
-			res, err, oc := f.attempt(ctx, st, c, req, nil)
+			res, err, oc := r.attempt(ctx, st, c, req, nil)
 			switch {
 			case oc == unknown:
-				return nil, &MayHaveExecutedError{Node: string(c.ID), RequestID: req.RequestID, Err: err}
-			case oc == notStarted && isReasonErr(err, ReasonCordoned):
+				return nil, &call.MayHaveExecutedError{Node: string(c.ID), RequestID: req.RequestID, Err: err}
+			case oc == notStarted && call.ReasonOf(err) == call.ReasonCordoned:
 				// A new session of a cordoned owner: place it on the next.
 				rq.Exclude = append(rq.Exclude, c.ID)
 				continue
 			case oc == notStarted && isPeerUnavailable(err):
 				// The owner's breaker is deciding (a probe is out) or its
 				// connection just failed: the owner is down for now.
-				ownerErr.Reason = err.Error()
+				ownerErr.Why = err.Error()
 			default:
 				return res, err
 			}
 		}
-		if req.Affinity == AffinityStrictFailFast {
+		if aff.OwnerDown(downFor, r.cfg.BreakGlassLease) == policy.FailOwner {
 			return nil, ownerErr
 		}
 		// Wait for the owner (or the lease), within the deadline: any
@@ -693,12 +638,12 @@ func (f *forwarder) strict(ctx context.Context, st *routeState, req *Request, rq
 		var lease *time.Timer
 		var leaseC <-chan time.Time
 		if !since.IsZero() {
-			lease = time.NewTimer(since.Add(f.cfg.BreakGlassLease).Sub(now))
+			lease = time.NewTimer(since.Add(r.cfg.BreakGlassLease).Sub(now))
 			leaseC = lease.C
 		}
 		select {
 		case <-ctx.Done():
-			ownerErr.Reason += fmt.Sprintf("; waited until the deadline (break_glass_lease %s)", f.cfg.BreakGlassLease)
+			ownerErr.Why += fmt.Sprintf("; waited until the deadline (break_glass_lease %s)", r.cfg.BreakGlassLease)
 		case <-st.changed:
 		case <-leaseC:
 		}
@@ -708,9 +653,9 @@ func (f *forwarder) strict(ctx context.Context, st *routeState, req *Request, rq
 		if ctx.Err() != nil {
 			return nil, ownerErr
 		}
-		cur := f.state.Load()
+		cur := r.state.Load()
 		if cur == nil {
-			ownerErr.Reason += "; this node's router stopped"
+			ownerErr.Why += "; this node's router stopped"
 			return nil, ownerErr // the node is shutting down
 		}
 		st = cur
@@ -732,7 +677,7 @@ func retryReason(err error) string {
 		return "idempotent_fate_unknown"
 	case isPeerUnavailable(err):
 		return "peer_unreachable"
-	case isReasonErr(err, ReasonCordoned):
+	case call.ReasonOf(err) == call.ReasonCordoned:
 		return "peer_cordoned"
 	default:
 		return "peer_refused"
@@ -742,28 +687,16 @@ func retryReason(err error) string {
 // isPeerUnavailable: the call was not delivered to a peer (its breaker or
 // connection refused it).
 func isPeerUnavailable(err error) bool {
-	var pue *PeerUnavailableError
+	var pue *call.PeerUnavailableError
 	return errors.As(err, &pue)
 }
 
-// isReasonErr reports whether err is a snakepit node's answer (this node's
-// or a peer's) with the given reason.
-func isReasonErr(err error, reason string) bool {
-	if err == nil {
-		return false
-	}
-	if s, ok := status.FromError(err); ok && s.Code() != codes.OK && nodeReason(s) != "" {
-		return nodeReason(s) == reason
-	}
-	return reason == ReasonCordoned && errors.Is(err, ErrCordoned)
-}
-
-// poolLoads gives Rank the loads of one pool: the local node's measured
-// now, the peers' as last reported.
+// poolLoads gives the node selector the loads of one pool: the local
+// node's measured now, the peers' as last reported.
 type poolLoads struct {
-	st   *routeState
-	n    *Node
-	pool string
+	st    *routeState
+	local Local
+	pool  string
 }
 
 var nan = math.NaN()
@@ -772,24 +705,23 @@ func (l poolLoads) Load(i int) float64 {
 	if pc := l.st.conns[i]; pc != nil {
 		return pc.load(l.pool)
 	}
-	if p, ok := l.n.pools[l.pool]; ok {
-		return p.load()
-	}
-	return nan
+	return l.local.Load(l.pool)
 }
 
-// attempt runs the call on one candidate and says what its outcome means.
-func (f *forwarder) attempt(ctx context.Context, st *routeState, c router.Candidate, req *Request, emit func([]byte) error) (*Result, error, outcome) {
+// attempt runs the call on one candidate and says what its outcome means:
+// the same table (call.FateOf) decides for a local answer and a peer's.
+func (r *Router) attempt(ctx context.Context, st *routeState, c router.Candidate, req *call.Request, emit func([]byte) error) (*call.Result, error, outcome) {
 	pc := st.conns[c.Index]
 	if pc == nil {
-		res, err := f.n.execute(context.WithValue(ctx, localOnlyKey{}, true), req, emit)
-		if notExecuted(err) {
+		req.Routed = true
+		res, err := r.runLocal(ctx, req, emit)
+		if call.FateOf(err) == call.Movable {
 			return nil, err, notStarted
 		}
 		return res, err, done
 	}
-	res, err, oc := f.forward(ctx, pc, req, emit)
-	f.n.metrics.forwards.WithLabelValues(pc.id, forwardOutcome(err, oc)).Inc()
+	res, err, oc := r.forward(ctx, pc, req, emit)
+	r.obs.Forwarded(pc.id, forwardOutcome(err, oc))
 	return res, err, oc
 }
 
@@ -798,7 +730,7 @@ func forwardOutcome(err error, oc outcome) string {
 	if err == nil {
 		return "ok"
 	}
-	var re *remoteError
+	var re *wire.RemoteError
 	isAnswer := errors.As(err, &re)
 	switch {
 	case oc == done && isAnswer:
@@ -815,17 +747,21 @@ func forwardOutcome(err error, oc outcome) string {
 }
 
 // forward sends the call to a peer: attempt's remote half.
-func (f *forwarder) forward(ctx context.Context, pc *peerConn, req *Request, emit func([]byte) error) (*Result, error, outcome) {
+func (r *Router) forward(ctx context.Context, pc *peerConn, req *call.Request, emit func([]byte) error) (*call.Result, error, outcome) {
 	finish, err := pc.br.Allow()
 	if err != nil {
-		return nil, &PeerUnavailableError{Node: pc.id, Err: err}, notStarted
+		return nil, &call.PeerUnavailableError{Node: pc.id, Err: err}, notStarted
 	}
-	octx := metadata.AppendToOutgoingContext(ctx, ForwardedHeader, f.n.cfg.NodeID, CorrelationHeader, req.CorrelationID)
+	kv := []string{wire.ForwardedHeader, r.d.NodeID, wire.CorrelationHeader, req.CorrelationID}
+	if req.Movable {
+		kv = append(kv, wire.MovableHeader, "1")
+	}
+	octx := metadata.AppendToOutgoingContext(ctx, kv...)
 	sent := &sentFlag{}
 	octx = withSentFlag(octx, sent)
-	in := requestToProto(req)
+	in := wire.RequestToProto(req)
 	var (
-		res    *Result
+		res    *call.Result
 		tr     metadata.MD
 		chunks bool
 	)
@@ -833,7 +769,7 @@ func (f *forwarder) forward(ctx context.Context, pc *peerConn, req *Request, emi
 		var out *snakepitv1.ExecuteResponse
 		out, err = pc.client.Execute(octx, in, grpc.Trailer(&tr))
 		if err == nil {
-			res = resultFromProto(out)
+			res = wire.ResultFromProto(out)
 		}
 	} else {
 		res, chunks, err = forwardStream(octx, pc.client, in, emit, &tr)
@@ -845,20 +781,21 @@ func (f *forwarder) forward(ctx context.Context, pc *peerConn, req *Request, emi
 		finish(nil)
 		return res, nil, done
 	}
+	s, _ := status.FromError(err)
+	re, isAnswer := wire.NewRemoteError(pc.id, s)
 	if chunks {
 		finish(nil)
-		if s, ok := status.FromError(err); ok && isNodeAnswer(s) {
-			return nil, &remoteError{node: pc.id, st: s}, done
+		if isAnswer {
+			return nil, re, done
 		}
 		return nil, err, unknown
 	}
-	s, _ := status.FromError(err)
-	if isNodeAnswer(s) {
+	if isAnswer {
 		finish(nil) // the peer answered: it is alive
-		if peerRefused(s) {
-			return nil, &remoteError{node: pc.id, st: s}, notStarted
+		if call.FateOf(re) == call.Movable {
+			return nil, re, notStarted
 		}
-		return nil, &remoteError{node: pc.id, st: s}, done
+		return nil, re, done
 	}
 	if ctx.Err() != nil {
 		// Our deadline or our caller ended the call before the peer
@@ -873,47 +810,12 @@ func (f *forwarder) forward(ctx context.Context, pc *peerConn, req *Request, emi
 	}
 	finish(errPeerFailed)
 	if !sent.sent.Load() {
-		return nil, &PeerUnavailableError{Node: pc.id, Err: err}, notStarted
+		return nil, &call.PeerUnavailableError{Node: pc.id, Err: err}, notStarted
 	}
 	return nil, err, unknown
 }
 
-// isNodeAnswer: the status was built by a snakepit node's handler (it
-// carries our ErrorInfo), not by the transport.
-func isNodeAnswer(s *status.Status) bool {
-	return nodeReason(s) != ""
-}
-
-func nodeReason(s *status.Status) string {
-	if s == nil {
-		return ""
-	}
-	for _, d := range s.Details() {
-		if ei, ok := d.(*errdetails.ErrorInfo); ok && ei.GetDomain() == ErrorDomain {
-			return ei.GetReason()
-		}
-	}
-	return ""
-}
-
-// peerRefused: the peer's answer says it did not execute the call and
-// another node may.
-func peerRefused(s *status.Status) bool {
-	switch nodeReason(s) {
-	case ReasonQueueFull, ReasonQueueTimeout, ReasonSessionBusy, ReasonDraining, ReasonCordoned, ReasonShuttingDown,
-		ReasonPoolUnavailable, ReasonUnknownPool, ReasonSessionLimit:
-		return true
-	case ReasonDeadline:
-		for _, d := range s.Details() {
-			if ei, ok := d.(*errdetails.ErrorInfo); ok && ei.GetMetadata()["stage"] == StageQueued {
-				return false // the deadline is gone: no time to try elsewhere
-			}
-		}
-	}
-	return false
-}
-
-func forwardStream(ctx context.Context, c snakepitv1.SnakepitClient, in *snakepitv1.ExecuteRequest, emit func([]byte) error, tr *metadata.MD) (*Result, bool, error) {
+func forwardStream(ctx context.Context, c snakepitv1.SnakepitClient, in *snakepitv1.ExecuteRequest, emit func([]byte) error, tr *metadata.MD) (*call.Result, bool, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	st, err := c.ExecuteStream(ctx, in, grpc.Trailer(tr))
@@ -933,76 +835,51 @@ func forwardStream(ctx context.Context, c snakepitv1.SnakepitClient, in *snakepi
 				return nil, chunks, err
 			}
 		case *snakepitv1.ExecuteStreamResponse_Done:
-			return resultFromProto(v.Done), chunks, nil
+			return wire.ResultFromProto(v.Done), chunks, nil
 		}
 	}
 }
 
-func requestToProto(req *Request) *snakepitv1.ExecuteRequest {
-	out := &snakepitv1.ExecuteRequest{
-		Tool: req.Tool, Pool: req.Pool, Args: req.Args, SessionId: req.SessionID,
-		RequestId: req.RequestID, Idempotent: req.Idempotent,
-	}
-	switch req.Affinity {
-	case AffinityStrictQueue:
-		out.Affinity = snakepitv1.Affinity_AFFINITY_STRICT_QUEUE
-	case AffinityStrictFailFast:
-		out.Affinity = snakepitv1.Affinity_AFFINITY_STRICT_FAIL_FAST
-	default:
-		out.Affinity = snakepitv1.Affinity_AFFINITY_HINT
-	}
-	return out
-}
-
-func resultFromProto(r *snakepitv1.ExecuteResponse) *Result {
-	res := &Result{
-		Payload:    r.GetResult(),
-		Node:       r.GetRanOn().GetNodeId(),
-		Pool:       r.GetRanOn().GetPool(),
-		WorkerID:   worker.ID(r.GetRanOn().GetWorkerId()),
-		Generation: worker.Generation(r.GetRanOn().GetWorkerGeneration()),
-		Queued:     r.GetQueued().AsDuration(),
-		Ran:        r.GetRan().AsDuration(),
-		RequestID:  r.GetRequestId(),
-	}
-	switch r.GetSession() {
-	case snakepitv1.SessionOutcome_SESSION_OUTCOME_NEW:
-		res.Session = SessionNew
-	case snakepitv1.SessionOutcome_SESSION_OUTCOME_BOUND:
-		res.Session = SessionBound
-	case snakepitv1.SessionOutcome_SESSION_OUTCOME_UNAVAILABLE:
-		res.Session = SessionUnavailable
-	case snakepitv1.SessionOutcome_SESSION_OUTCOME_RESET:
-		res.Session = SessionReset
-	}
-	return res
-}
-
-// constraintsFromProto converts a request's placement constraints.
-func constraintsFromProto(c *snakepitv1.Constraints) router.Constraints {
-	if c == nil {
-		return router.Constraints{}
-	}
-	need := router.Constraints{GPU: c.GetGpu(), GPUModel: c.GetGpuModel(), Labels: c.GetLabels()}
-	if b := c.GetMinGpuMemoryBytes(); b > 0 {
-		need.MinGPUMemoryMiB = int(min((b+(1<<20)-1)>>20, math.MaxInt32))
-	}
-	if len(need.Labels) == 0 {
-		need.Labels = nil
-	}
-	return need
-}
-
-// peerIDs lists the peers the router knows, for diagnostics and tests.
-func (f *forwarder) peerIDs() []string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	ids := make([]string, 0, len(f.peers))
-	for id := range f.peers {
+// PeerIDs lists the peers the router knows, for diagnostics and tests.
+func (r *Router) PeerIDs() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ids := make([]string, 0, len(r.peers))
+	for id := range r.peers {
 		ids = append(ids, id)
 	}
 	slices.Sort(ids)
 	return ids
+}
+
+// NextOwner names the node that would own a session of a pool if this
+// node left the ranking: rendezvous ranking without this node. "" when
+// routing has no table yet or no other node serves the pool.
+func (r *Router) NextOwner(pool, sessionID string) string {
+	st := r.state.Load()
+	if st == nil || st.table == nil {
+		return ""
+	}
+	c, err := st.table.Owner(router.Request{SessionID: sessionID, Pool: pool, Exclude: []router.NodeID{router.NodeID(r.d.NodeID)}})
+	if err != nil {
+		return ""
+	}
+	return string(c.ID)
+}
+
+// PeerAddrs lists the cluster's nodes as the last snapshot has them: node
+// id -> gRPC address.
+func (r *Router) PeerAddrs() map[string]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]string{}
+	if r.snap == nil {
+		return out
+	}
+	for _, p := range r.snap.Peers() {
+		out[string(p.ID)] = p.Addr
+	}
+	return out
 }
 
 func noConstraints(c router.Constraints) bool {

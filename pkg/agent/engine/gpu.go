@@ -1,13 +1,11 @@
-package agent
+package engine
 
 import (
 	"errors"
 	"fmt"
 	"maps"
-	"slices"
 	"strings"
 
-	"github.com/snakepit/snakepit/pkg/discovery"
 	"github.com/snakepit/snakepit/pkg/hw"
 )
 
@@ -38,8 +36,8 @@ const visibleDevicesVar = "CUDA_VISIBLE_DEVICES"
 // slots are assigned exactly as hw.Assign(size) would.
 const sharedSlotsAhead = 1024
 
-// validate checks the gpus keys of the pool whose key is key ("pools[x]").
-func (g GPUConfig) validate(key string, p PoolConfig, bad func(string, ...any)) {
+// Validate checks the gpus keys of the pool whose key is key ("pools[x]").
+func (g GPUConfig) Validate(key string, p PoolConfig, bad func(string, ...any)) {
 	if g.PerWorker < 0 {
 		bad("%s.gpus.per_worker must not be negative (got %d)", key, g.PerWorker)
 		return
@@ -144,33 +142,33 @@ func trimSentinel(err error) error {
 	return err
 }
 
-// applyGPUs assigns GPUs to the pools of n (see planGPUs) and sets each
+// applyGPUs assigns GPUs to the pools (see planGPUs) and sets each
 // slot's GPUs, which become its workers' CUDA_VISIBLE_DEVICES and show in
 // status. On a host with GPUs, workers of pools that ask for none, and
 // workers added past a pool's assignment, get CUDA_VISIBLE_DEVICES empty:
 // they see no GPU, so none can touch a GPU an exclusive pool holds. It must
-// be called after New and before Run.
-func applyGPUs(n *Node, inv hw.Inventory) error {
-	pools := make([]PoolConfig, 0, len(n.order))
-	for _, name := range n.order {
-		pools = append(pools, n.pools[name].cfg)
+// is called by New.
+func (e *Engine) applyGPUs(inv hw.Inventory) error {
+	pools := make([]PoolConfig, 0, len(e.order))
+	for _, name := range e.order {
+		pools = append(pools, e.pools[name].cfg)
 	}
 	plan, err := planGPUs(pools, inv)
 	if err != nil {
 		return err
 	}
 	if len(inv.GPUs) > 0 {
-		n.gpuBook = newGPUBook(pools, plan, inv)
+		e.gpuBook = newGPUBook(pools, plan, inv)
 	}
-	for _, name := range n.order {
-		p := n.pools[name]
+	for _, name := range e.order {
+		p := e.pools[name]
 		p.gpus = plan[name]
 		if p.exclusiveGPUs() {
 			// The start-time slots take their groups in slot order, so
 			// worker i gets group i, as logged.
 			p.mu.Lock()
 			for _, s := range p.slots {
-				if s.gpus, err = n.gpuBook.take(p.cfg); err != nil {
+				if s.gpus, err = e.gpuBook.take(p.cfg); err != nil {
 					p.mu.Unlock()
 					return err // planGPUs counted them: cannot happen
 				}
@@ -180,7 +178,7 @@ func applyGPUs(n *Node, inv hw.Inventory) error {
 		for i, ids := range p.gpus {
 			if i < p.cfg.Size {
 				for _, id := range ids {
-					n.log.Info().Str("pool", name).Int("worker_id", i).Str("gpu_uuid", id).Msg("gpu assigned")
+					e.log.Info().Str("pool", name).Int("worker_id", i).Str("gpu_uuid", id).Msg("gpu assigned")
 				}
 			}
 		}
@@ -198,11 +196,4 @@ func applyGPUs(n *Node, inv hw.Inventory) error {
 		p.cfg.Env = env
 	}
 	return nil
-}
-
-// gpuSummary is what the node publishes about its GPUs.
-func gpuSummary(inv hw.Inventory) discovery.GPUSummary {
-	models := inv.GPUModels()
-	slices.Sort(models)
-	return discovery.GPUSummary{Count: len(inv.GPUs), Models: models, MemoryBytes: inv.GPUMemoryTotal()}
 }

@@ -1,6 +1,8 @@
-package agent
+package engine
 
 import (
+	"github.com/snakepit/snakepit/pkg/agent/call"
+
 	"fmt"
 	"slices"
 	"sync"
@@ -65,7 +67,7 @@ func (b *gpuBook) take(cfg PoolConfig) ([]string, error) {
 		}
 	}
 	if len(pick) < cfg.GPUs.PerWorker {
-		return nil, &InvalidArgumentError{Field: "size", Reason: fmt.Sprintf(
+		return nil, &call.InvalidArgumentError{Field: "size", Reason: fmt.Sprintf(
 			"pool %q is exclusive with gpus.per_worker=%d and no free GPU is left for another worker (every GPU of the host is held by a worker of an exclusive pool or used by a shared one; a worker being retired keeps its GPUs until it stops)",
 			cfg.Name, cfg.GPUs.PerWorker)}
 	}

@@ -1,6 +1,8 @@
-package agent
+package engine
 
 import (
+	"github.com/snakepit/snakepit/pkg/agent/call"
+
 	"errors"
 	"os"
 	"slices"
@@ -49,7 +51,7 @@ func TestGPUBookTakeGive(t *testing.T) {
 		t.Errorf("spare group %v, want GPUs 4 and 5 %v", groups[2], want)
 	}
 	_, err = b.take(train)
-	var iae *InvalidArgumentError
+	var iae *call.InvalidArgumentError
 	if !errors.As(err, &iae) || iae.Field != "size" || !strings.Contains(err.Error(), `pool "train" is exclusive with gpus.per_worker=2`) {
 		t.Fatalf("take with one spare left = %v, want an error naming the pool and per_worker", err)
 	}
@@ -130,7 +132,7 @@ func TestExclusiveGPUPoolResize(t *testing.T) {
 	}
 	check(7)
 	_, err := n.Resize("train", 8, time.Second)
-	var iae *InvalidArgumentError
+	var iae *call.InvalidArgumentError
 	if !errors.As(err, &iae) || !strings.Contains(err.Error(), "GPUs are free for 0 more worker(s), not 1") {
 		t.Fatalf("grow to 8 with every GPU held = %v, want an error saying none is free", err)
 	}

@@ -1,6 +1,8 @@
-package agent
+package engine
 
 import (
+	"github.com/snakepit/snakepit/pkg/agent/call"
+
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -100,46 +102,46 @@ func (s *intentStore) changes() <-chan struct{} {
 }
 
 // Intent returns the operator intent the node holds.
-func (n *Node) Intent() Intent { return n.intent.get() }
+func (e *Engine) Intent() Intent { return e.intent.get() }
 
 // IntentChanges returns a channel closed when the intent next changes.
-func (n *Node) IntentChanges() <-chan struct{} { return n.intent.changes() }
+func (e *Engine) IntentChanges() <-chan struct{} { return e.intent.changes() }
 
 // Cordoned reports whether the node takes no new routed work.
-func (n *Node) Cordoned() bool {
-	in := n.intent.get()
+func (e *Engine) Cordoned() bool {
+	in := e.intent.get()
 	return in.Cordoned || in.Draining
 }
 
 // Cordon marks the node cordoned, persistently.
-func (n *Node) Cordon() (Intent, error) {
-	in, err := n.intent.update(func(i *Intent) { i.Cordoned = true })
+func (e *Engine) Cordon() (Intent, error) {
+	in, err := e.intent.update(func(i *Intent) { i.Cordoned = true })
 	if err == nil {
-		n.log.Info().Msg("cordoned")
+		e.log.Info().Msg("cordoned")
 	}
 	return in, err
 }
 
 // Uncordon clears cordon and drain, persistently.
-func (n *Node) Uncordon() (Intent, error) {
-	in, err := n.intent.update(func(i *Intent) { i.Cordoned, i.Draining = false, false })
+func (e *Engine) Uncordon() (Intent, error) {
+	in, err := e.intent.update(func(i *Intent) { i.Cordoned, i.Draining = false, false })
 	if err == nil {
-		n.log.Info().Msg("uncordoned")
+		e.log.Info().Msg("uncordoned")
 	}
 	return in, err
 }
 
 // Resize sets a pool's worker count at runtime, persistently; see
 // Pool.resize for how workers are added and retired.
-func (n *Node) Resize(pool string, size int, deadline time.Duration) (prev int, err error) {
-	p, err := n.pool(pool)
+func (e *Engine) Resize(pool string, size int, deadline time.Duration) (prev int, err error) {
+	p, err := e.pool(pool)
 	if err != nil {
 		return 0, err
 	}
 	if size < 1 || size > maxPoolSize {
-		return 0, &InvalidArgumentError{Field: "size", Reason: fmt.Sprintf("must be between 1 and %d (got %d)", maxPoolSize, size)}
+		return 0, &call.InvalidArgumentError{Field: "size", Reason: fmt.Sprintf("must be between 1 and %d (got %d)", maxPoolSize, size)}
 	}
-	if _, err := n.intent.update(func(i *Intent) {
+	if _, err := e.intent.update(func(i *Intent) {
 		if i.PoolSizes == nil {
 			i.PoolSizes = map[string]int{}
 		}
@@ -155,11 +157,11 @@ const maxPoolSize = 4096
 
 // applyIntentSizes sets the slots of pools resized in an earlier run, before
 // the pools start.
-func (n *Node) applyIntentSizes() {
-	for name, size := range n.intent.get().PoolSizes {
-		p, ok := n.pools[name]
+func (e *Engine) applyIntentSizes() {
+	for name, size := range e.intent.get().PoolSizes {
+		p, ok := e.pools[name]
 		if !ok || size < 1 {
-			n.log.Warn().Str("pool", name).Msg("ignoring a runtime size for a pool that is no longer configured")
+			e.log.Warn().Str("pool", name).Msg("ignoring a runtime size for a pool that is no longer configured")
 			continue
 		}
 		p.mu.Lock()
@@ -176,6 +178,6 @@ func (n *Node) applyIntentSizes() {
 		for _, s := range dropped {
 			p.releaseGPUs(s)
 		}
-		n.log.Info().Str("pool", name).Int("size", size).Msg("pool size restored from operator intent")
+		e.log.Info().Str("pool", name).Int("size", size).Msg("pool size restored from operator intent")
 	}
 }

@@ -1,24 +1,11 @@
-package agent
+package engine
 
 import (
-	"fmt"
 	"sync"
 	"time"
 
 	"golang.org/x/time/rate"
 )
-
-// SessionRateError reports a client opening sessions faster than
-// new_sessions_per_second allows. Not executed.
-type SessionRateError struct {
-	Client     string
-	Rate       float64
-	RetryAfter time.Duration
-}
-
-func (e *SessionRateError) Error() string {
-	return fmt.Sprintf("client %s opens sessions faster than %g per second (new_sessions_per_second); not executed, retry after %s", e.Client, e.Rate, e.RetryAfter)
-}
 
 // clientLimiter holds a token bucket of new sessions per client address.
 // Buckets unused for a while are dropped, so the map stays small.

@@ -1,10 +1,11 @@
-package agent
+package engine
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,8 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/snakepit/snakepit/pkg/agent/call"
+	"github.com/snakepit/snakepit/pkg/agent/policy"
 	"github.com/snakepit/snakepit/pkg/worker"
 )
 
@@ -67,6 +70,8 @@ type proc struct {
 	sessions int
 	// lastUsed orders processes by their last finished call.
 	lastUsed uint64
+	// maxSessions is the pool's max_sessions_per_worker.
+	maxSessions int
 }
 
 // markIdleLocked closes pr.idle once pr is out of service and holds no call.
@@ -121,10 +126,11 @@ type waiter struct {
 // crashed past the restart budget) and recycles it on request, starting the
 // replacement before retiring the old process.
 type Pool struct {
-	cfg  PoolConfig
-	node *Node
-	log  zerolog.Logger
-	env  []string
+	cfg PoolConfig
+	eng *Engine
+	pol *policy.Set
+	log zerolog.Logger
+	env []string
 	// python is the interpreter's resolved path (see resolvePython).
 	python string
 	// gpus is the start-time GPU assignment (planGPUs): for a shared GPU
@@ -136,7 +142,7 @@ type Pool struct {
 
 	mu      sync.Mutex
 	slots   []*slot
-	ready   []*proc // processes taking calls
+	ready   readyList // processes taking calls
 	waiters []*waiter
 	queued  int
 	useSeq  uint64
@@ -159,11 +165,12 @@ type Pool struct {
 	latency  histogram
 }
 
-func newPool(n *Node, cfg PoolConfig) *Pool {
+func newPool(e *Engine, cfg PoolConfig, pol *policy.Set) *Pool {
 	p := &Pool{
 		cfg:      cfg,
-		node:     n,
-		log:      n.log.With().Str("pool", cfg.Name).Logger(),
+		eng:      e,
+		pol:      pol,
+		log:      e.log.With().Str("pool", cfg.Name).Logger(),
 		state:    PoolStarting,
 		readyCh:  make(chan struct{}),
 		failCh:   make(chan struct{}),
@@ -205,7 +212,7 @@ func (p *Pool) environment(runtimeDir string) []string {
 	}
 	env["PYTHONPATH"] = strings.Join(paths, string(os.PathListSeparator))
 	env["PYTHONUNBUFFERED"] = "1"
-	env["SNAKEPIT_RUN_ID"] = p.node.runID
+	env["SNAKEPIT_RUN_ID"] = p.eng.runID
 	if p.cfg.Virtualenv != "" {
 		venv, _ := filepath.Abs(p.cfg.Virtualenv)
 		env["VIRTUAL_ENV"] = venv
@@ -255,7 +262,7 @@ func (p *Pool) resolvePython(ctx context.Context) error {
 // exclusiveGPUs reports whether the pool's slots hold GPUs of their own
 // (gpus.exclusive), booked in the node's gpuBook.
 func (p *Pool) exclusiveGPUs() bool {
-	return p.cfg.GPUs.Exclusive && p.cfg.GPUs.PerWorker > 0 && p.node.gpuBook != nil
+	return p.cfg.GPUs.Exclusive && p.cfg.GPUs.PerWorker > 0 && p.eng.gpuBook != nil
 }
 
 // slotGPUsLocked returns the GPUs of slot s (nil: none or not yet taken).
@@ -276,7 +283,7 @@ func (p *Pool) slotEnv(s *slot) ([]string, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.exclusiveGPUs() && s.gpus == nil {
-		g, err := p.node.gpuBook.take(p.cfg)
+		g, err := p.eng.gpuBook.take(p.cfg)
 		if err != nil {
 			return nil, err
 		}
@@ -299,7 +306,7 @@ func (p *Pool) releaseGPUs(s *slot) {
 	ids := s.gpus
 	s.gpus = nil
 	p.mu.Unlock()
-	p.node.gpuBook.give(p.cfg.Name, ids)
+	p.eng.gpuBook.give(p.cfg.Name, ids)
 }
 
 // run supervises every slot of the pool until ctx is done, then stops the
@@ -513,7 +520,7 @@ func (p *Pool) Restarts() map[string]uint64 {
 // monitor expires idle sessions and recycles workers past their age or
 // memory limits.
 func (p *Pool) monitor(ctx context.Context) {
-	t := time.NewTicker(min(p.node.cfg.MonitorInterval, max(p.cfg.SessionIdleTimeout/2, time.Millisecond)))
+	t := time.NewTicker(min(p.eng.cfg.MonitorInterval, max(p.cfg.SessionIdleTimeout/2, time.Millisecond)))
 	defer t.Stop()
 	for {
 		var now time.Time
@@ -580,19 +587,19 @@ func (p *Pool) requestRecycleLocked(pr *proc, reason string) {
 }
 
 func (p *Pool) startProc(ctx context.Context, s *slot) (*proc, error) {
-	if err := p.node.startSem.acquire(ctx); err != nil {
+	if err := p.eng.startSem.acquire(ctx); err != nil {
 		return nil, err
 	}
-	defer p.node.startSem.release()
+	defer p.eng.startSem.release()
 	env, err := p.slotEnv(s)
 	if err != nil {
 		return nil, err
 	}
-	gen, err := p.node.nextGeneration()
+	gen, err := p.eng.gens.take()
 	if err != nil {
 		return nil, err
 	}
-	pr := &proc{slot: s, idle: make(chan struct{})}
+	pr := &proc{slot: s, idle: make(chan struct{}), maxSessions: p.cfg.MaxSessionsPerWorker}
 	w, err := worker.Start(ctx, worker.Spec{
 		Pool:              p.cfg.Name,
 		ID:                s.id,
@@ -602,28 +609,28 @@ func (p *Pool) startProc(ctx context.Context, s *slot) (*proc, error) {
 		Capacity:          p.cfg.Capacity,
 		Env:               env,
 		Dir:               p.cfg.Dir,
-		MaxFrame:          p.node.cfg.MaxMessageBytes + 64<<10,
-		MaxResult:         p.node.cfg.MaxMessageBytes - responseOverhead,
+		MaxFrame:          p.eng.cfg.MaxMessageBytes + 64<<10,
+		MaxResult:         p.eng.cfg.MaxMessageBytes - responseOverhead,
 		StartTimeout:      p.cfg.StartTimeout,
-		StderrTail:        DefaultStderrTail,
+		StderrTail:        p.eng.cfg.StderrTail,
 		HeartbeatInterval: p.cfg.HeartbeatInterval,
 		HeartbeatTimeout:  p.cfg.HeartbeatTimeout,
 		CancelGrace:       p.cfg.CancelGrace,
 		OnCancelIgnored:   func(*worker.Worker) { p.requestRecycle(pr, "cancel_ignored") },
 		OnRelease:         func(*worker.Worker) { p.release(pr) },
 		OnExit:            func(*worker.Worker) { p.retire(pr) },
-		Logger:            p.node.log,
+		Logger:            p.eng.log,
 	})
 	if err != nil {
 		return nil, err
 	}
 	pr.w = w
-	p.node.procs.add(w)
+	p.eng.procs.add(w)
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
 		<-w.Done()
-		p.node.procs.remove(w)
+		p.eng.procs.remove(w)
 	}()
 	p.addReady(pr)
 	return pr, nil
@@ -679,7 +686,7 @@ func (p *Pool) updateStateLocked() {
 			p.state = PoolDegraded
 			p.reason = fmt.Sprintf("worker %d crashed %d times within %s (last cause: %s): restart budget exhausted, tainted until %s",
 				s.id, len(s.crashes), p.cfg.RestartWindow, s.lastCause, s.taintedUntil.Format(time.RFC3339))
-			p.node.healthChanged()
+			p.eng.healthChanged()
 			return
 		}
 	}
@@ -690,7 +697,7 @@ func (p *Pool) updateStateLocked() {
 		p.state = PoolReady
 		p.reason = ""
 	}
-	p.node.healthChanged()
+	p.eng.healthChanged()
 }
 
 // addReady puts a started process into service and hands it queued calls.
@@ -752,21 +759,39 @@ func (p *Pool) retireLocked(pr *proc) {
 	p.updateStateLocked()
 }
 
-// pickLocked returns the least-loaded ready process with a free slot; among
-// equally loaded ones, the one that finished a call last. That keeps a
-// lightly loaded pool on its warmest process (its CPU caches and wake-up
-// path are hot: about 10 us per call here) instead of rotating over all.
+// pickLocked returns the worker the pool's worker selector picks for a
+// sessionless call, nil when none is free.
 func (p *Pool) pickLocked() *proc {
-	var best *proc
-	for _, pr := range p.ready {
-		if pr.busy >= pr.w.Capacity() || pr.recycling {
-			continue
-		}
-		if best == nil || pr.busy < best.busy || (pr.busy == best.busy && pr.lastUsed > best.lastUsed) {
-			best = pr
+	if i := p.pol.Worker.Pick(&p.ready, policy.Purpose{Bound: -1}); i >= 0 {
+		return p.ready[i]
+	}
+	return nil
+}
+
+// readyList is the pool's ready workers; it is the policy.Workers the
+// worker selector reads (under Pool.mu).
+type readyList []*proc
+
+// Len implements policy.Workers.
+func (l *readyList) Len() int { return len(*l) }
+
+// At implements policy.Workers.
+func (l *readyList) At(i int) policy.Worker {
+	pr := (*l)[i]
+	return policy.Worker{
+		Busy: pr.busy, Capacity: pr.w.Capacity(), Sessions: pr.sessions,
+		SessionRoom: pr.sessions < pr.maxSessions, LastUsed: pr.lastUsed, Recycling: pr.recycling,
+	}
+}
+
+// index returns the position of pr, -1 when it is not ready.
+func (l readyList) index(pr *proc) int {
+	for i, x := range l {
+		if x == pr {
+			return i
 		}
 	}
-	return best
+	return -1
 }
 
 // grantLocked hands pr to the first live waiter, its own (strict session
@@ -831,29 +856,36 @@ func (p *Pool) release(pr *proc) {
 
 // acquire reserves a slot on a worker for one call, waiting in the queue
 // for at most queue_max_wait and the call's deadline.
-func (p *Pool) acquire(ctx context.Context) (*proc, error) {
+func (p *Pool) acquire(ctx context.Context, req *call.Request) (*proc, error) {
 	p.mu.Lock()
 	if pr := p.pickLocked(); pr != nil {
 		pr.busy++
 		p.mu.Unlock()
 		return pr, nil
 	}
-	return p.queueLocked(ctx, nil)
+	return p.queueLocked(ctx, nil, req)
 }
 
 // queueLocked waits for a slot: on any worker when target is nil, else on
-// target only. It is called with p.mu held and releases it. A target that
-// leaves service while the call waits yields errTargetGone.
-func (p *Pool) queueLocked(ctx context.Context, target *proc) (*proc, error) {
+// target only, when the pool's queue policy lets the call wait. It is
+// called with p.mu held and releases it. A target that leaves service
+// while the call waits yields errTargetGone.
+func (p *Pool) queueLocked(ctx context.Context, target *proc, req *call.Request) (*proc, error) {
 	if p.state == PoolFailed || p.state == PoolStopping || (len(p.ready) == 0 && p.allTaintedLocked()) {
-		err := &PoolUnavailableError{Pool: p.cfg.Name, State: p.state.String(), Reason: p.reason}
+		err := &call.PoolUnavailableError{Pool: p.cfg.Name, State: p.state.String(), Reason: p.reason}
 		p.mu.Unlock()
 		return nil, err
 	}
-	if p.queued >= p.cfg.QueueDepth {
+	switch p.pol.Queue.Admit(policy.QueueState{Queued: p.queued, Depth: p.cfg.QueueDepth, Movable: req.Movable && target == nil}) {
+	case policy.Refuse:
+		queued := p.queued
 		p.mu.Unlock()
 		p.rejected.Add(1)
-		return nil, &QueueFullError{Pool: p.cfg.Name, Depth: p.cfg.QueueDepth, RetryAfter: p.retryAfter()}
+		return nil, &call.QueueFullError{Pool: p.cfg.Name, Depth: queued, RetryAfter: p.retryAfter()}
+	case policy.Spill:
+		queued := p.queued
+		p.mu.Unlock()
+		return nil, &call.QueueFullError{Pool: p.cfg.Name, Depth: queued, RetryAfter: p.retryAfter(), Spilled: true}
 	}
 	wt := &waiter{ch: make(chan *proc, 1)}
 	if target != nil {
@@ -880,7 +912,7 @@ func (p *Pool) queueLocked(ctx context.Context, target *proc) (*proc, error) {
 		err = ctx.Err()
 	case <-t.C:
 		p.rejected.Add(1)
-		err = &QueueTimeoutError{Pool: p.cfg.Name, Waited: p.cfg.QueueMaxWait, RetryAfter: p.retryAfter()}
+		err = &call.QueueTimeoutError{Pool: p.cfg.Name, Waited: p.cfg.QueueMaxWait, RetryAfter: p.retryAfter()}
 	}
 	p.mu.Lock()
 	select {
@@ -946,7 +978,7 @@ func (p *Pool) retryAfter() time.Duration {
 
 // execute runs one call in the pool. With emit set, the call is a stream:
 // each item the tool yields goes to emit.
-func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time, emit func([]byte) error) (*Result, error) {
+func (p *Pool) execute(ctx context.Context, req *call.Request, arrived time.Time, emit func([]byte) error) (*call.Result, error) {
 	p.mu.Lock()
 	t, ok := p.tools[req.Tool]
 	var known []string
@@ -956,10 +988,10 @@ func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time, emi
 	hasTools := p.tools != nil
 	p.mu.Unlock()
 	if !ok && hasTools {
-		return nil, &UnknownToolError{Pool: p.cfg.Name, Tool: req.Tool, Known: known}
+		return nil, &call.UnknownToolError{Pool: p.cfg.Name, Tool: req.Tool, Known: known}
 	}
 	if ok && t.Streaming && emit == nil {
-		return nil, &InvalidArgumentError{Field: "tool", Reason: fmt.Sprintf("%s yields a stream: call ExecuteStream (spctl exec --stream)", req.Tool)}
+		return nil, &call.InvalidArgumentError{Field: "tool", Reason: fmt.Sprintf("%s yields a stream: call ExecuteStream (spctl exec --stream)", req.Tool)}
 	}
 	emitted := false
 	if emit != nil {
@@ -970,7 +1002,7 @@ func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time, emi
 	var ee *worker.ExitError
 	if err != nil && req.Idempotent && !emitted && errors.As(err, &ee) && ctx.Err() == nil {
 		p.log.Info().Str("request_id", req.RequestID).Uint64("worker_id", uint64(ee.ID)).Uint64("generation", uint64(ee.Generation)).Msg("retrying idempotent call after worker exit")
-		p.node.metrics.retries.WithLabelValues("worker_exited").Inc()
+		p.eng.obs.Retried("worker_exited")
 		res, err = p.executeOnce(ctx, req, arrived, emit)
 	}
 	if err != nil {
@@ -980,28 +1012,28 @@ func (p *Pool) execute(ctx context.Context, req *Request, arrived time.Time, emi
 	}
 	took := time.Since(arrived)
 	p.latency.record(took)
-	p.node.metrics.observe(p.cfg.Name, res, err, took)
+	p.eng.obs.Observe(p.cfg.Name, res, err, took)
 	return res, err
 }
 
-func (p *Pool) executeOnce(ctx context.Context, req *Request, arrived time.Time, emit func([]byte) error) (*Result, error) {
+func (p *Pool) executeOnce(ctx context.Context, req *call.Request, arrived time.Time, emit func([]byte) error) (*call.Result, error) {
 	var (
 		pr      *proc
-		outcome SessionOutcome
+		outcome call.SessionOutcome
 		err     error
 	)
 	if req.SessionID != "" {
-		pr, outcome, err = p.acquireSession(ctx, req)
+		pr, outcome, err = p.acquireSession(ctx, req, p.pol.AffinityFor(req.Affinity))
 		if err == nil {
 			defer p.callDone(req.SessionID)
 		}
 	} else {
-		pr, err = p.acquire(ctx)
+		pr, err = p.acquire(ctx, req)
 	}
 	queued := time.Since(arrived)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
-			return nil, &DeadlineError{Pool: p.cfg.Name, Stage: StageQueued, Queued: queued}
+			return nil, &call.DeadlineError{Pool: p.cfg.Name, Stage: call.StageQueued, Queued: queued}
 		}
 		return nil, err
 	}
@@ -1010,35 +1042,35 @@ func (p *Pool) executeOnce(ctx context.Context, req *Request, arrived time.Time,
 		timeout = time.Until(dl)
 		if timeout <= 0 {
 			p.release(pr)
-			return nil, &DeadlineError{Pool: p.cfg.Name, Stage: StageQueued, Queued: queued}
+			return nil, &call.DeadlineError{Pool: p.cfg.Name, Stage: call.StageQueued, Queued: queued}
 		}
 	}
-	call := &worker.Call{
+	wc := &worker.Call{
 		Tool:             req.Tool,
 		Args:             req.Args,
 		SessionID:        req.SessionID,
 		RequestID:        req.RequestID,
 		CorrelationID:    req.CorrelationID,
 		Timeout:          timeout,
-		SessionTransient: outcome == SessionUnavailable,
+		SessionTransient: outcome == call.SessionUnavailable,
 	}
 	var payload []byte
 	if emit != nil {
-		payload, err = pr.w.Stream(ctx, call, p.cfg.StreamWindow, emit)
+		payload, err = pr.w.Stream(ctx, wc, p.cfg.StreamWindow, emit)
 	} else {
-		payload, err = pr.w.Call(ctx, call)
+		payload, err = pr.w.Call(ctx, wc)
 	}
 	ran := time.Since(arrived) - queued
 	if err != nil {
 		var te *worker.ToolError
 		if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &te) && te.Kind == worker.KindCancelled && errors.Is(ctx.Err(), context.DeadlineExceeded)) {
-			return nil, &DeadlineError{Pool: p.cfg.Name, Stage: StageRunning, Queued: queued, Ran: ran}
+			return nil, &call.DeadlineError{Pool: p.cfg.Name, Stage: call.StageRunning, Queued: queued, Ran: ran}
 		}
 		return nil, err
 	}
-	return &Result{
+	return &call.Result{
 		Payload:    payload,
-		Node:       p.node.cfg.NodeID,
+		Node:       p.eng.cfg.NodeID,
 		Pool:       p.cfg.Name,
 		WorkerID:   pr.w.ID(),
 		Generation: pr.w.Generation(),
@@ -1105,6 +1137,8 @@ type PoolStatus struct {
 	// Tainted is true while a worker is in its cool-down after crashing
 	// past the restart budget.
 	Tainted bool
+	// Sessions is the number of live sessions.
+	Sessions int
 }
 
 // WorkerStatus is a snapshot of one worker.
@@ -1132,6 +1166,7 @@ func (p *Pool) status() PoolStatus {
 		Served: p.served.Load(), Errors: p.errors.Load(), Rejected: p.rejected.Load(),
 		P50: qs[0], P90: qs[1], P99: qs[2], Max: mx,
 		Restarts: p.Restarts(),
+		Sessions: len(p.sessions),
 	}
 	now := time.Now()
 	for _, s := range p.slots {
@@ -1161,3 +1196,47 @@ func (p *Pool) status() PoolStatus {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// counts returns the calls running and queued, and the sessions, for a
+// drain's report.
+func (p *Pool) counts() (busy, queued, sessions int) {
+	busy, queued = p.inFlight()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return busy, queued, len(p.sessions)
+}
+
+// cancelAll refuses every queued call with err and cancels every running
+// one in Python; it returns how many it ended.
+func (p *Pool) cancelAll(err error) int {
+	p.mu.Lock()
+	n := p.abortQueuedLocked(err)
+	procs := slices.Clone(p.ready)
+	p.mu.Unlock()
+	for _, pr := range procs {
+		n += pr.w.CancelAll()
+	}
+	return n
+}
+
+// serving reports whether the pool can take calls: a ready worker, and
+// the pool ready or degraded.
+func (p *Pool) serving() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.ready) > 0 && (p.state == PoolReady || p.state == PoolDegraded)
+}
+
+// load is calls in flight plus queued per ready worker slot.
+func (p *Pool) load() float64 {
+	busy, queued := p.inFlight()
+	p.mu.Lock()
+	slots := len(p.ready) * p.cfg.Capacity
+	p.mu.Unlock()
+	if slots == 0 {
+		return float64(busy+queued) + 1 // nothing ready: as loaded as can be
+	}
+	return float64(busy+queued) / float64(slots)
+}
+
+var nan = math.NaN()

@@ -1,6 +1,8 @@
-package agent
+package engine
 
 import (
+	"github.com/snakepit/snakepit/pkg/agent/call"
+
 	"errors"
 	"fmt"
 	"slices"
@@ -17,7 +19,7 @@ var errNotRunning = errors.New("pool is not running")
 // at most deadline, and is stopped. It returns the previous size.
 func (p *Pool) resize(size int, deadline time.Duration) (int, error) {
 	if size < 1 {
-		return 0, &InvalidArgumentError{Field: "size", Reason: fmt.Sprintf("must be at least 1 (got %d); to stop serving a pool, drain the node", size)}
+		return 0, &call.InvalidArgumentError{Field: "size", Reason: fmt.Sprintf("must be at least 1 (got %d); to stop serving a pool, drain the node", size)}
 	}
 	if deadline <= 0 {
 		deadline = p.cfg.RecycleDrainTimeout
@@ -31,8 +33,8 @@ func (p *Pool) resize(size int, deadline time.Duration) (int, error) {
 	switch {
 	case size > prev:
 		if p.exclusiveGPUs() {
-			if free := p.node.gpuBook.available(p.cfg); free < size-prev {
-				return prev, &InvalidArgumentError{Field: "size", Reason: fmt.Sprintf(
+			if free := p.eng.gpuBook.available(p.cfg); free < size-prev {
+				return prev, &call.InvalidArgumentError{Field: "size", Reason: fmt.Sprintf(
 					"pool %q is exclusive with gpus.per_worker=%d: GPUs are free for %d more worker(s), not %d (every other GPU is held by a worker of an exclusive pool or used by a shared one; a retiring worker keeps its GPUs until it stops)",
 					p.cfg.Name, p.cfg.GPUs.PerWorker, free, size-prev)}
 			}
@@ -41,7 +43,7 @@ func (p *Pool) resize(size int, deadline time.Duration) (int, error) {
 			s := newSlot(p.nextSlot)
 			p.nextSlot++
 			if p.exclusiveGPUs() {
-				g, err := p.node.gpuBook.take(p.cfg)
+				g, err := p.eng.gpuBook.take(p.cfg)
 				if err != nil {
 					return prev, err // available said there were enough
 				}

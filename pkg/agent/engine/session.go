@@ -1,53 +1,13 @@
-package agent
+package engine
 
 import (
 	"context"
-	"fmt"
 	"slices"
 	"time"
 
+	"github.com/snakepit/snakepit/pkg/agent/call"
+	"github.com/snakepit/snakepit/pkg/agent/policy"
 	"github.com/snakepit/snakepit/pkg/worker"
-)
-
-// Affinity says how strictly a session's call must run on the worker that
-// holds the session's state (DESIGN.md decision 4, node-local half).
-type Affinity int
-
-// Affinity modes.
-const (
-	// AffinityHint prefers the session's worker; when it is busy another
-	// worker runs the call with an empty, throwaway session store, and the
-	// result says SessionUnavailable.
-	AffinityHint Affinity = iota
-	// AffinityStrictQueue waits for the session's worker, within the
-	// call's deadline and the queue's limits.
-	AffinityStrictQueue
-	// AffinityStrictFailFast fails at once when the session's worker is busy.
-	AffinityStrictFailFast
-)
-
-func (a Affinity) String() string {
-	switch a {
-	case AffinityHint:
-		return "hint"
-	case AffinityStrictQueue:
-		return "strict_queue"
-	case AffinityStrictFailFast:
-		return "strict_fail_fast"
-	}
-	return fmt.Sprintf("affinity(%d)", int(a))
-}
-
-// SessionOutcome says what a call of a session found of its state.
-type SessionOutcome int
-
-// Session outcomes.
-const (
-	SessionNone        SessionOutcome = iota // the call had no session
-	SessionNew                               // bound to a worker by this call
-	SessionBound                             // ran where its state is
-	SessionUnavailable                       // hint: ran elsewhere, state not there
-	SessionReset                             // its worker was gone: state lost, bound afresh
 )
 
 // session is a session id bound to a worker process of a pool. Guarded by
@@ -61,156 +21,108 @@ type session struct {
 	inFlight int
 }
 
-// SessionLostError reports a strict-affinity call whose session's worker is
-// gone: the state it held is lost. The session is dropped; the next call
-// starts a new one.
-type SessionLostError struct {
-	Pool       string
-	SessionID  string
-	WorkerID   worker.ID
-	Generation worker.Generation
-	Mode       Affinity
-}
-
-func (e *SessionLostError) Error() string {
-	return fmt.Sprintf("session %q lost its state: worker %d generation %d of pool %q is gone (affinity %s); call again to start the session afresh",
-		e.SessionID, e.WorkerID, e.Generation, e.Pool, e.Mode)
-}
-
-// SessionBusyError reports a strict_fail_fast call whose session's worker
-// is busy. Not executed.
-type SessionBusyError struct {
-	Pool       string
-	SessionID  string
-	WorkerID   worker.ID
-	Generation worker.Generation
-	RetryAfter time.Duration
-}
-
-func (e *SessionBusyError) Error() string {
-	return fmt.Sprintf("session %q: its worker %d generation %d of pool %q is busy (affinity strict_fail_fast); not executed, retry after %s",
-		e.SessionID, e.WorkerID, e.Generation, e.Pool, e.RetryAfter)
-}
-
-// SessionLimitError reports a call that would open a session past a limit.
-type SessionLimitError struct {
-	Pool  string
-	Limit string // the config key
-	Max   int
-}
-
-func (e *SessionLimitError) Error() string {
-	return fmt.Sprintf("cannot open another session in pool %q: %s (%d) reached; close sessions (CloseSession) or raise the limit", e.Pool, e.Limit, e.Max)
-}
-
 // acquireSession reserves a worker slot for a call of a session, binding
 // the session on its first call, and says what the call will find of the
-// session's state.
-func (p *Pool) acquireSession(ctx context.Context, req *Request) (*proc, SessionOutcome, error) {
+// session's state. The affinity policy decides what happens when the
+// session's worker is busy or gone; the worker selector chooses among the
+// others.
+func (p *Pool) acquireSession(ctx context.Context, req *call.Request, aff policy.AffinityPolicy) (*proc, call.SessionOutcome, error) {
 	now := time.Now()
 	p.mu.Lock()
 	s := p.sessions[req.SessionID]
 	if s != nil && s.pr != nil && s.pr.live {
 		pr := s.pr
 		s.lastUsed = now
-		if pr.busy < pr.w.Capacity() {
-			pr.busy++
-			p.noteCallLocked(s)
-			p.mu.Unlock()
-			return pr, SessionBound, nil
-		}
-		switch req.Affinity {
-		case AffinityStrictFailFast:
-			p.mu.Unlock()
-			return nil, 0, &SessionBusyError{Pool: p.cfg.Name, SessionID: s.id, WorkerID: pr.w.ID(), Generation: pr.w.Generation(), RetryAfter: p.retryAfter()}
-		case AffinityStrictQueue:
-			got, err := p.queueLocked(ctx, pr)
-			if err == errTargetGone {
-				return p.lost(s, pr, req.Affinity)
-			}
-			if err != nil {
-				return nil, 0, err
-			}
-			p.mu.Lock()
-			p.noteCallLocked(s)
-			p.mu.Unlock()
-			return got, SessionBound, nil
-		default: // hint: anywhere now; state only where it lives
-			if other := p.pickLocked(); other != nil {
-				other.busy++
+		switch aff.WorkerBusy() {
+		case policy.RunElsewhere: // anywhere now; state only where it lives
+			if i := p.pol.Worker.Pick(&p.ready, policy.Purpose{Bound: p.ready.index(pr)}); i >= 0 {
+				got := p.ready[i]
+				got.busy++
 				p.noteCallLocked(s)
 				p.mu.Unlock()
-				return other, SessionUnavailable, nil
+				return got, outcomeOn(got, pr), nil
 			}
-			got, err := p.queueLocked(ctx, nil)
+			got, err := p.queueLocked(ctx, nil, req)
 			if err != nil {
 				return nil, 0, err
 			}
 			p.mu.Lock()
-			outcome := SessionUnavailable
-			if got == s.pr {
-				outcome = SessionBound
-			}
+			outcome := outcomeOn(got, s.pr)
 			p.noteCallLocked(s)
 			p.mu.Unlock()
 			return got, outcome, nil
+		default:
+			if pr.busy < pr.w.Capacity() {
+				pr.busy++
+				p.noteCallLocked(s)
+				p.mu.Unlock()
+				return pr, call.SessionBound, nil
+			}
 		}
+		if aff.WorkerBusy() == policy.RefuseBusy {
+			p.mu.Unlock()
+			return nil, 0, &call.SessionBusyError{Pool: p.cfg.Name, SessionID: s.id, WorkerID: pr.w.ID(), Generation: pr.w.Generation(), RetryAfter: p.retryAfter()}
+		}
+		got, err := p.queueLocked(ctx, pr, req)
+		if err == errTargetGone {
+			return p.lost(s, pr, aff.Mode())
+		}
+		if err != nil {
+			return nil, 0, err
+		}
+		p.mu.Lock()
+		p.noteCallLocked(s)
+		p.mu.Unlock()
+		return got, call.SessionBound, nil
 	}
-	outcome := SessionNew
+	outcome := call.SessionNew
 	if s != nil {
 		// The worker that held the state is gone.
-		if req.Affinity != AffinityHint {
+		if aff.WorkerGone() == policy.Lose {
 			pr := s.pr
 			p.mu.Unlock()
-			return p.lost(s, pr, req.Affinity)
+			return p.lost(s, pr, aff.Mode())
 		}
-		outcome = SessionReset
+		outcome = call.SessionReset
 		p.unbindLocked(s)
 	} else {
-		if ok, wait := p.node.sessRate.allow(req.Client, now); !ok {
+		if ok, wait := p.eng.sessRate.allow(req.Client, now); !ok {
 			p.mu.Unlock()
-			return nil, 0, &SessionRateError{Client: req.Client, Rate: p.node.cfg.NewSessionsPerSecond, RetryAfter: wait}
+			return nil, 0, &call.SessionRateError{Client: req.Client, Rate: p.eng.cfg.NewSessionsPerSecond, RetryAfter: wait}
 		}
-		if p.node.sessions.Load() >= int64(p.node.cfg.MaxSessions) {
+		if p.eng.sessions.Load() >= int64(p.eng.cfg.MaxSessions) {
 			p.mu.Unlock()
-			return nil, 0, &SessionLimitError{Pool: p.cfg.Name, Limit: "max_sessions", Max: p.node.cfg.MaxSessions}
+			return nil, 0, &call.SessionLimitError{Pool: p.cfg.Name, Limit: "max_sessions", Max: p.eng.cfg.MaxSessions}
 		}
 		s = &session{id: req.SessionID, created: now}
 		p.sessions[s.id] = s
-		p.node.sessions.Add(1)
+		p.eng.sessions.Add(1)
 	}
 	s.lastUsed = now
-	// Bind to the least-loaded worker with room for another session.
-	var best *proc
-	roomy := false
-	for _, pr := range p.ready {
-		if pr.recycling || pr.sessions >= p.cfg.MaxSessionsPerWorker {
-			continue
-		}
-		roomy = true
-		if pr.busy >= pr.w.Capacity() {
-			continue
-		}
-		if best == nil || pr.busy < best.busy || (pr.busy == best.busy && pr.sessions < best.sessions) {
-			best = pr
-		}
-	}
-	if best != nil {
+	if i := p.pol.Worker.Pick(&p.ready, policy.Purpose{NewSession: true, Bound: -1}); i >= 0 {
+		best := p.ready[i]
 		best.busy++
 		p.bindLocked(s, best)
 		p.noteCallLocked(s)
 		p.mu.Unlock()
 		return best, outcome, nil
 	}
+	roomy := false
+	for _, pr := range p.ready {
+		if !pr.recycling && pr.sessions < p.cfg.MaxSessionsPerWorker {
+			roomy = true
+			break
+		}
+	}
 	if !roomy && len(p.ready) > 0 {
 		p.dropLocked(s)
 		p.mu.Unlock()
-		return nil, 0, &SessionLimitError{Pool: p.cfg.Name, Limit: "max_sessions_per_worker", Max: p.cfg.MaxSessionsPerWorker}
+		return nil, 0, &call.SessionLimitError{Pool: p.cfg.Name, Limit: "max_sessions_per_worker", Max: p.cfg.MaxSessionsPerWorker}
 	}
-	got, err := p.queueLocked(ctx, nil)
+	got, err := p.queueLocked(ctx, nil, req)
 	p.mu.Lock()
 	if err == nil && got.sessions >= p.cfg.MaxSessionsPerWorker {
-		err = &SessionLimitError{Pool: p.cfg.Name, Limit: "max_sessions_per_worker", Max: p.cfg.MaxSessionsPerWorker}
+		err = &call.SessionLimitError{Pool: p.cfg.Name, Limit: "max_sessions_per_worker", Max: p.cfg.MaxSessionsPerWorker}
 		p.mu.Unlock()
 		p.release(got)
 		p.mu.Lock()
@@ -228,15 +140,48 @@ func (p *Pool) acquireSession(ctx context.Context, req *Request) (*proc, Session
 	return got, outcome, nil
 }
 
+// outcomeOn says what a session call running on got finds of the state
+// that held keeps.
+func outcomeOn(got, held *proc) call.SessionOutcome {
+	if got == held {
+		return call.SessionBound
+	}
+	return call.SessionUnavailable
+}
+
+// holds reports whether the pool has a session of that id (a cordoned
+// node keeps serving those).
+func (p *Pool) holds(id string) bool {
+	if id == "" {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sessions[id] != nil
+}
+
+// acceptWhileDraining says whether a call may still run here during a
+// drain: only a call of a session that has a call running here (its state
+// is here until that call ends).
+func (p *Pool) acceptWhileDraining(req *call.Request) bool {
+	if req.SessionID == "" {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := p.sessions[req.SessionID]
+	return s != nil && s.inFlight > 0
+}
+
 // lost drops a session whose worker is gone and reports it to a strict
 // call.
-func (p *Pool) lost(s *session, pr *proc, mode Affinity) (*proc, SessionOutcome, error) {
+func (p *Pool) lost(s *session, pr *proc, mode call.Affinity) (*proc, call.SessionOutcome, error) {
 	p.mu.Lock()
 	if p.sessions[s.id] == s {
 		p.dropLocked(s)
 	}
 	p.mu.Unlock()
-	err := &SessionLostError{Pool: p.cfg.Name, SessionID: s.id, Mode: mode}
+	err := &call.SessionLostError{Pool: p.cfg.Name, SessionID: s.id, Mode: mode}
 	if pr != nil {
 		err.WorkerID, err.Generation = pr.w.ID(), pr.w.Generation()
 	}
@@ -278,7 +223,7 @@ func (p *Pool) dropLocked(s *session) *proc {
 	pr := s.pr
 	p.unbindLocked(s)
 	delete(p.sessions, s.id)
-	p.node.sessions.Add(-1)
+	p.eng.sessions.Add(-1)
 	if pr != nil && pr.live {
 		return pr
 	}

@@ -1,4 +1,4 @@
-package agent
+package edge
 
 import (
 	"context"
@@ -13,42 +13,36 @@ import (
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
 
-// clusterStatusTimeout bounds the wait for each peer's status.
-const clusterStatusTimeout = 5 * time.Second
-
-// ClusterStatus asks every node the cluster view lists (Node.PeerAddrs,
-// set by cluster discovery; just this node when unset) for its status, in
-// parallel, each within 5 s, and adds them up. A node that does not answer
+// ClusterStatus asks every node the cluster view lists (the cluster
+// layer's last snapshot) for its status, in parallel, each within
+// Config.ClusterStatusTimeout, and adds them up. A node that does not answer
 // gets a row with the error.
 func (a *adminService) ClusterStatus(ctx context.Context, _ *snakepitv1.ClusterStatusRequest) (*snakepitv1.ClusterStatusResponse, error) {
 	return a.clusterStatus(ctx, true)
 }
 
 func (a *adminService) clusterStatus(ctx context.Context, withPeers bool) (*snakepitv1.ClusterStatusResponse, error) {
-	self, err := (&service{node: a.node}).Status(ctx, &snakepitv1.StatusRequest{})
+	self, err := (&service{Server: a.Server}).Status(ctx, &snakepitv1.StatusRequest{})
 	if err != nil {
 		return nil, err
 	}
 	var peers map[string]string
-	if withPeers && a.node.PeerAddrs != nil {
-		peers = a.node.PeerAddrs()
+	if withPeers {
+		peers = a.d.Cluster.PeerAddrs()
 	}
-	rows := []*snakepitv1.NodeStatus{{NodeId: a.node.ID(), Address: a.node.advertised(), Status: self}}
+	rows := []*snakepitv1.NodeStatus{{NodeId: a.cfg.NodeID, Address: a.advertised(), Status: self}}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	creds, err := a.node.PeerCredentials()
-	if err != nil {
-		return nil, toStatus(err)
-	}
+	creds := a.d.PeerCreds
 	for id, addr := range peers {
-		if id == a.node.ID() {
+		if id == a.cfg.NodeID {
 			continue
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			row := &snakepitv1.NodeStatus{NodeId: id, Address: addr}
-			st, err := peerStatus(ctx, addr, creds)
+			st, err := peerStatus(ctx, addr, creds, a.cfg.ClusterStatusTimeout)
 			if err != nil {
 				row.Error = err.Error()
 			}
@@ -88,8 +82,8 @@ func (a *adminService) clusterStatus(ctx context.Context, withPeers bool) (*snak
 	return out, nil
 }
 
-func peerStatus(ctx context.Context, addr string, creds credentials.TransportCredentials) (*snakepitv1.StatusResponse, error) {
-	ctx, cancel := context.WithTimeout(ctx, clusterStatusTimeout)
+func peerStatus(ctx context.Context, addr string, creds credentials.TransportCredentials, timeout time.Duration) (*snakepitv1.StatusResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	opt := grpc.WithTransportCredentials(insecure.NewCredentials())
 	if creds != nil {
@@ -114,5 +108,5 @@ func (a *adminService) Status(ctx context.Context, req *snakepitv1.AdminStatusRe
 
 // ListSessions is the public ListSessions, offered on the Admin service too.
 func (a *adminService) ListSessions(ctx context.Context, req *snakepitv1.ListSessionsRequest) (*snakepitv1.ListSessionsResponse, error) {
-	return (&service{node: a.node}).ListSessions(ctx, req)
+	return (&service{Server: a.Server}).ListSessions(ctx, req)
 }

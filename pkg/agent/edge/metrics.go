@@ -1,4 +1,4 @@
-package agent
+package edge
 
 import (
 	"errors"
@@ -11,12 +11,16 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc/status"
+
+	"github.com/snakepit/snakepit/pkg/agent/call"
+	"github.com/snakepit/snakepit/pkg/agent/engine"
 )
 
-// metrics are the node's Prometheus metrics. Counters and histograms are
-// updated on the call path; gauges are read from the pools when scraped.
+// Metrics are the node's Prometheus metrics, in one registry. Counters and
+// histograms are updated on the call path (Metrics is the engine's and the
+// cluster layer's Observer); gauges are read from the pools when scraped.
 // docs/metrics.md lists them.
-type metrics struct {
+type Metrics struct {
 	reg       *prometheus.Registry
 	calls     *prometheus.CounterVec
 	queueWait *prometheus.HistogramVec
@@ -31,8 +35,15 @@ type metrics struct {
 // latencyBuckets span 50 us to 60 s.
 var latencyBuckets = prometheus.ExponentialBucketsRange(50e-6, 60, 22)
 
-func newMetrics(n *Node) *metrics {
-	m := &metrics{
+// PoolStats gives the pools' gauges at scrape time (the engine).
+type PoolStats interface {
+	Status() engine.Status
+}
+
+// NewMetrics registers the node's metrics; ReadPools adds the pools'
+// gauges.
+func NewMetrics() *Metrics {
+	m := &Metrics{
 		reg: prometheus.NewRegistry(),
 		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "snakepit", Name: "calls_total",
@@ -64,13 +75,12 @@ func newMetrics(n *Node) *metrics {
 		}, []string{"peer"}),
 	}
 	m.reg.MustRegister(m.calls, m.queueWait, m.runTime, m.total, m.forwards, m.retries, m.ejections,
-		&poolCollector{n: n},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
-// observe records one finished call of a pool.
-func (m *metrics) observe(pool string, res *Result, err error, total time.Duration) {
+// Observe records one finished call of a pool (engine.Observer).
+func (m *Metrics) Observe(pool string, res *call.Result, err error, total time.Duration) {
 	outcome := "ok"
 	if err != nil {
 		outcome = strings.ToLower(codeName(err))
@@ -81,7 +91,7 @@ func (m *metrics) observe(pool string, res *Result, err error, total time.Durati
 		m.queueWait.WithLabelValues(pool).Observe(res.Queued.Seconds())
 		m.runTime.WithLabelValues(pool).Observe(res.Ran.Seconds())
 	} else {
-		var dle *DeadlineError
+		var dle *call.DeadlineError
 		if errors.As(err, &dle) {
 			m.queueWait.WithLabelValues(pool).Observe(dle.Queued.Seconds())
 		}
@@ -113,7 +123,7 @@ var (
 )
 
 // poolCollector reads the pools' gauges at scrape time.
-type poolCollector struct{ n *Node }
+type poolCollector struct{ pools PoolStats }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descWorkers, descQueue, descBusy, descRestart, descSess, descUp} {
@@ -122,9 +132,8 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, name := range c.n.order {
-		p := c.n.pools[name]
-		st := p.status()
+	for _, st := range c.pools.Status().Pools {
+		name := st.Name
 		busyWorkers, idle := 0, 0
 		for _, w := range st.Workers {
 			switch {
@@ -142,20 +151,42 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		for cause, v := range st.Restarts {
 			ch <- prometheus.MustNewConstMetric(descRestart, prometheus.CounterValue, float64(v), name, cause)
 		}
-		p.mu.Lock()
-		sessions := len(p.sessions)
-		p.mu.Unlock()
-		ch <- prometheus.MustNewConstMetric(descSess, prometheus.GaugeValue, float64(sessions), name)
+		ch <- prometheus.MustNewConstMetric(descSess, prometheus.GaugeValue, float64(st.Sessions), name)
 		up := 0.0
-		if st.State == PoolReady || st.State == PoolDegraded {
+		if st.State == engine.PoolReady || st.State == engine.PoolDegraded {
 			up = 1
 		}
 		ch <- prometheus.MustNewConstMetric(descUp, prometheus.GaugeValue, up, name, st.State.String())
 	}
 }
 
+// ReadPools registers the pools' gauges, read from pools at scrape time.
+func (m *Metrics) ReadPools(pools PoolStats) {
+	m.reg.MustRegister(&poolCollector{pools: pools})
+}
+
+// Retried counts a call moved to another worker or node
+// (snakepit_retries_total).
+func (m *Metrics) Retried(reason string) { m.retries.WithLabelValues(reason).Inc() }
+
+// Forwarded counts a call forwarded to a peer (snakepit_forwards_total).
+func (m *Metrics) Forwarded(peer, outcome string) { m.forwards.WithLabelValues(peer, outcome).Inc() }
+
+// Ejected counts a peer ejected by its breaker
+// (snakepit_peer_ejections_total).
+func (m *Metrics) Ejected(peer string) { m.ejections.WithLabelValues(peer).Inc() }
+
+// CountDiscoveryRequests exports the requests the node sent its discovery
+// backend (snakepit_discovery_requests_total).
+func (m *Metrics) CountDiscoveryRequests(requests func() uint64) {
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: "snakepit", Name: "discovery_requests_total",
+		Help: "Requests this node sent its discovery backend (Consul): registration, check refreshes, blocking queries. Flat under load: nothing is sent per call.",
+	}, func() float64 { return float64(requests()) }))
+}
+
 // serveMetrics serves /metrics on addr until stop is called.
-func (m *metrics) serve(addr string) (net.Addr, func(), error) {
+func (m *Metrics) serve(addr string) (net.Addr, func(), error) {
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, nil, err

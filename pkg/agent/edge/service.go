@@ -1,8 +1,7 @@
-package agent
+package edge
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"runtime/debug"
 	"time"
@@ -16,40 +15,39 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/snakepit/snakepit/pkg/agent/call"
+	"github.com/snakepit/snakepit/pkg/agent/engine"
+	"github.com/snakepit/snakepit/pkg/agent/wire"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
 
-// service implements snakepit.v1.Snakepit on a Node.
+// service implements snakepit.v1.Snakepit.
 type service struct {
 	snakepitv1.UnimplementedSnakepitServer
-	node *Node
+	*Server
 }
 
 func (s *service) Execute(ctx context.Context, in *snakepitv1.ExecuteRequest) (*snakepitv1.ExecuteResponse, error) {
-	req, err := requestFromProto(in)
+	req, err := fromIncoming(ctx, in)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	req.CorrelationID = correlationID(ctx)
-	req.Client = clientAddr(ctx)
-	res, err := s.node.Execute(ctx, req)
+	res, err := s.d.Calls.Execute(ctx, req, nil)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return responseToProto(res), nil
+	return wire.ResultToProto(res), nil
 }
 
 func (s *service) ExecuteStream(in *snakepitv1.ExecuteRequest, stream grpc.ServerStreamingServer[snakepitv1.ExecuteStreamResponse]) error {
-	req, err := requestFromProto(in)
+	req, err := fromIncoming(stream.Context(), in)
 	if err != nil {
 		return toStatus(err)
 	}
-	req.CorrelationID = correlationID(stream.Context())
-	req.Client = clientAddr(stream.Context())
 	var seq uint64
 	msg := &snakepitv1.ExecuteStreamResponse{}
 	chunk := &snakepitv1.Chunk{}
-	res, err := s.node.ExecuteStream(stream.Context(), req, func(b []byte) error {
+	res, err := s.d.Calls.Execute(stream.Context(), req, func(b []byte) error {
 		chunk.Data, chunk.Seq = b, seq
 		msg.Msg = &snakepitv1.ExecuteStreamResponse_Chunk{Chunk: chunk}
 		seq++
@@ -58,19 +56,25 @@ func (s *service) ExecuteStream(in *snakepitv1.ExecuteRequest, stream grpc.Serve
 	if err != nil {
 		return toStatus(err)
 	}
-	return stream.Send(&snakepitv1.ExecuteStreamResponse{Msg: &snakepitv1.ExecuteStreamResponse_Done{Done: responseToProto(res)}})
+	return stream.Send(&snakepitv1.ExecuteStreamResponse{Msg: &snakepitv1.ExecuteStreamResponse_Done{Done: wire.ResultToProto(res)}})
 }
 
-// CorrelationHeader is the gRPC metadata key of the correlation id: set by
-// a client or an entry node, carried to the executing node and into the
-// worker's log lines. When absent, the node uses the request id.
-const CorrelationHeader = "x-snakepit-correlation-id"
-
-func correlationID(ctx context.Context) string {
-	if v := metadata.ValueFromIncomingContext(ctx, CorrelationHeader); len(v) > 0 && len(v[0]) <= maxIDLen {
-		return v[0]
+// fromIncoming converts an incoming call: the request, and what its
+// metadata and connection say (correlation id, entry node, caller).
+func fromIncoming(ctx context.Context, in *snakepitv1.ExecuteRequest) (*call.Request, error) {
+	req, err := wire.RequestFromProto(in)
+	if err != nil {
+		return nil, err
 	}
-	return ""
+	if v := metadata.ValueFromIncomingContext(ctx, wire.CorrelationHeader); len(v) > 0 && len(v[0]) <= call.MaxIDLen {
+		req.CorrelationID = v[0]
+	}
+	if v := metadata.ValueFromIncomingContext(ctx, wire.ForwardedHeader); len(v) > 0 {
+		req.ForwardedBy = v[0]
+		req.Movable = len(metadata.ValueFromIncomingContext(ctx, wire.MovableHeader)) > 0
+	}
+	req.Client = clientAddr(ctx)
+	return req, nil
 }
 
 // clientAddr is the caller's address without its port.
@@ -89,61 +93,8 @@ func clientAddr(ctx context.Context) string {
 	return a
 }
 
-func requestFromProto(in *snakepitv1.ExecuteRequest) (*Request, error) {
-	req := &Request{
-		Tool:       in.GetTool(),
-		Pool:       in.GetPool(),
-		Args:       in.GetArgs(),
-		SessionID:  in.GetSessionId(),
-		RequestID:  in.GetRequestId(),
-		Idempotent: in.GetIdempotent(),
-		Need:       constraintsFromProto(in.GetConstraints()),
-	}
-	switch in.GetAffinity() {
-	case snakepitv1.Affinity_AFFINITY_UNSPECIFIED, snakepitv1.Affinity_AFFINITY_HINT:
-		req.Affinity = AffinityHint
-	case snakepitv1.Affinity_AFFINITY_STRICT_QUEUE:
-		req.Affinity = AffinityStrictQueue
-	case snakepitv1.Affinity_AFFINITY_STRICT_FAIL_FAST:
-		req.Affinity = AffinityStrictFailFast
-	default:
-		return nil, &InvalidArgumentError{Field: "affinity", Reason: fmt.Sprintf("unknown value %d (use HINT, STRICT_QUEUE or STRICT_FAIL_FAST)", in.GetAffinity())}
-	}
-	return req, nil
-}
-
-func responseToProto(res *Result) *snakepitv1.ExecuteResponse {
-	return &snakepitv1.ExecuteResponse{
-		Result: res.Payload,
-		RanOn: &snakepitv1.Placement{
-			NodeId:           res.Node,
-			Pool:             res.Pool,
-			WorkerId:         uint64(res.WorkerID),
-			WorkerGeneration: uint64(res.Generation),
-		},
-		Queued:    durationpb.New(res.Queued),
-		Ran:       durationpb.New(res.Ran),
-		RequestId: res.RequestID,
-		Session:   sessionOutcomeProto(res.Session),
-	}
-}
-
-func sessionOutcomeProto(o SessionOutcome) snakepitv1.SessionOutcome {
-	switch o {
-	case SessionNew:
-		return snakepitv1.SessionOutcome_SESSION_OUTCOME_NEW
-	case SessionBound:
-		return snakepitv1.SessionOutcome_SESSION_OUTCOME_BOUND
-	case SessionUnavailable:
-		return snakepitv1.SessionOutcome_SESSION_OUTCOME_UNAVAILABLE
-	case SessionReset:
-		return snakepitv1.SessionOutcome_SESSION_OUTCOME_RESET
-	}
-	return snakepitv1.SessionOutcome_SESSION_OUTCOME_UNSPECIFIED
-}
-
 func (s *service) CloseSession(_ context.Context, in *snakepitv1.CloseSessionRequest) (*snakepitv1.CloseSessionResponse, error) {
-	closed, err := s.node.CloseSession(in.GetPool(), in.GetSessionId())
+	closed, err := s.d.Engine.CloseSession(in.GetPool(), in.GetSessionId())
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -151,7 +102,7 @@ func (s *service) CloseSession(_ context.Context, in *snakepitv1.CloseSessionReq
 }
 
 func (s *service) ListSessions(_ context.Context, in *snakepitv1.ListSessionsRequest) (*snakepitv1.ListSessionsResponse, error) {
-	list, err := s.node.Sessions(in.GetPool())
+	list, err := s.d.Engine.Sessions(in.GetPool())
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -168,12 +119,12 @@ func (s *service) ListSessions(_ context.Context, in *snakepitv1.ListSessionsReq
 }
 
 func (s *service) ListTools(_ context.Context, in *snakepitv1.ListToolsRequest) (*snakepitv1.ListToolsResponse, error) {
-	byPool, err := s.node.Tools(in.GetPool())
+	byPool, err := s.d.Engine.Tools(in.GetPool())
 	if err != nil {
 		return nil, toStatus(err)
 	}
 	out := &snakepitv1.ListToolsResponse{}
-	for _, pool := range s.node.PoolNames() {
+	for _, pool := range s.d.Engine.Pools() {
 		for _, t := range byPool[pool] {
 			pt := &snakepitv1.Tool{Pool: pool, Name: t.Name, Doc: t.Doc, Streaming: t.Streaming}
 			for _, p := range t.Parameters {
@@ -186,8 +137,8 @@ func (s *service) ListTools(_ context.Context, in *snakepitv1.ListToolsRequest) 
 }
 
 func (s *service) Status(context.Context, *snakepitv1.StatusRequest) (*snakepitv1.StatusResponse, error) {
-	st := s.node.Status()
-	out := &snakepitv1.StatusResponse{NodeId: st.NodeID, Version: st.Version, Started: timestamppb.New(st.Started)}
+	st := s.d.Engine.Status()
+	out := &snakepitv1.StatusResponse{NodeId: st.NodeID, Version: s.cfg.Version, Started: timestamppb.New(st.Started)}
 	for _, p := range st.Pools {
 		ps := &snakepitv1.PoolStatus{
 			Name: p.Name, State: poolStateProto(p.State), Reason: p.Reason, Adapter: p.Adapter,
@@ -210,17 +161,17 @@ func (s *service) Status(context.Context, *snakepitv1.StatusRequest) (*snakepitv
 	return out, nil
 }
 
-func poolStateProto(s PoolState) snakepitv1.PoolState {
+func poolStateProto(s engine.PoolState) snakepitv1.PoolState {
 	switch s {
-	case PoolStarting:
+	case engine.PoolStarting:
 		return snakepitv1.PoolState_POOL_STATE_STARTING
-	case PoolReady:
+	case engine.PoolReady:
 		return snakepitv1.PoolState_POOL_STATE_READY
-	case PoolDegraded:
+	case engine.PoolDegraded:
 		return snakepitv1.PoolState_POOL_STATE_DEGRADED
-	case PoolFailed:
+	case engine.PoolFailed:
 		return snakepitv1.PoolState_POOL_STATE_FAILED
-	case PoolStopping:
+	case engine.PoolStopping:
 		return snakepitv1.PoolState_POOL_STATE_STOPPING
 	}
 	return snakepitv1.PoolState_POOL_STATE_UNSPECIFIED

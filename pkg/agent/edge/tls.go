@@ -1,4 +1,4 @@
-package agent
+package edge
 
 import (
 	"crypto/tls"
@@ -36,7 +36,8 @@ type TLSConfig struct {
 // Enabled reports whether TLS is configured.
 func (t TLSConfig) Enabled() bool { return t.CertFile != "" || t.KeyFile != "" }
 
-func (t TLSConfig) validate(bad func(string, ...any)) {
+// Validate reports each bad tls.* key to bad.
+func (t TLSConfig) Validate(bad func(string, ...any)) {
 	if t.Enabled() && (t.CertFile == "" || t.KeyFile == "") {
 		bad("tls.cert_file and tls.key_file must both be set (got %q and %q)", t.CertFile, t.KeyFile)
 	}
@@ -79,8 +80,7 @@ func (t TLSConfig) serverTLS() (*tls.Config, error) {
 // PeerCredentials are the transport credentials a node dials its peers
 // with: its own certificate as client certificate, and trust in the
 // cluster CA only. Nil when TLS is off.
-func (n *Node) PeerCredentials() (credentials.TransportCredentials, error) {
-	t := n.cfg.TLS
+func (t TLSConfig) PeerCredentials() (credentials.TransportCredentials, error) {
 	if !t.Enabled() {
 		return nil, nil
 	}

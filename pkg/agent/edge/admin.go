@@ -1,4 +1,4 @@
-package agent
+package edge
 
 import (
 	"context"
@@ -21,16 +21,18 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/snakepit/snakepit/pkg/agent/call"
+	"github.com/snakepit/snakepit/pkg/agent/engine"
 	snakepitv1 "github.com/snakepit/snakepit/proto/snakepit/v1"
 )
 
-// adminService implements snakepit.v1.Admin on a Node.
+// adminService implements snakepit.v1.Admin.
 type adminService struct {
 	snakepitv1.UnimplementedAdminServer
-	node *Node
+	*Server
 }
 
-func intentProto(in Intent) *snakepitv1.IntentResponse {
+func intentProto(in engine.Intent) *snakepitv1.IntentResponse {
 	out := &snakepitv1.IntentResponse{Cordoned: in.Cordoned, Draining: in.Draining, PoolSizes: map[string]uint32{}}
 	for k, v := range in.PoolSizes {
 		out.PoolSizes[k] = uint32(v)
@@ -42,7 +44,7 @@ func intentProto(in Intent) *snakepitv1.IntentResponse {
 }
 
 func (a *adminService) Cordon(context.Context, *snakepitv1.CordonRequest) (*snakepitv1.CordonResponse, error) {
-	in, err := a.node.Cordon()
+	in, err := a.d.Engine.Cordon()
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -50,7 +52,7 @@ func (a *adminService) Cordon(context.Context, *snakepitv1.CordonRequest) (*snak
 }
 
 func (a *adminService) Uncordon(context.Context, *snakepitv1.UncordonRequest) (*snakepitv1.UncordonResponse, error) {
-	in, err := a.node.Uncordon()
+	in, err := a.d.Engine.Uncordon()
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -58,20 +60,23 @@ func (a *adminService) Uncordon(context.Context, *snakepitv1.UncordonRequest) (*
 }
 
 func (a *adminService) Intent(context.Context, *snakepitv1.IntentRequest) (*snakepitv1.IntentResponse, error) {
-	return intentProto(a.node.Intent()), nil
+	return intentProto(a.d.Engine.Intent()), nil
 }
 
 func (a *adminService) Drain(in *snakepitv1.DrainRequest, stream grpc.ServerStreamingServer[snakepitv1.DrainProgress]) error {
 	if in.GetDryRun() {
 		out := &snakepitv1.DrainProgress{}
-		for _, s := range a.node.drainPlan() {
-			out.Moves = append(out.Moves, &snakepitv1.SessionMove{SessionId: s.ID, Pool: s.Pool, NextNode: s.Next})
+		// Where each session would go: the cluster layer's ranking without
+		// this node ("" when no other node serves its pool).
+		sessions, _ := a.d.Engine.Sessions("")
+		for _, s := range sessions {
+			out.Moves = append(out.Moves, &snakepitv1.SessionMove{SessionId: s.ID, Pool: s.Pool, NextNode: a.d.Cluster.NextOwner(s.Pool, s.ID)})
 		}
-		st := a.node.drainState()
+		st := a.d.Engine.DrainState()
 		out.InFlight, out.Queued, out.Sessions = uint32(st.InFlight), uint32(st.Queued), uint32(st.Sessions)
 		return stream.Send(out)
 	}
-	err := a.node.Drain(stream.Context(), in.GetDeadline().AsDuration(), func(p DrainProgress) error {
+	err := a.d.Engine.Drain(stream.Context(), in.GetDeadline().AsDuration(), func(p engine.DrainProgress) error {
 		return stream.Send(&snakepitv1.DrainProgress{
 			InFlight: uint32(p.InFlight), Queued: uint32(p.Queued), Sessions: uint32(p.Sessions),
 			Remaining: durationpb.New(p.Remaining), Drained: p.Drained, Cancelled: uint32(p.Cancelled),
@@ -84,25 +89,25 @@ func (a *adminService) Drain(in *snakepitv1.DrainRequest, stream grpc.ServerStre
 }
 
 func (a *adminService) Resize(_ context.Context, in *snakepitv1.ResizeRequest) (*snakepitv1.ResizeResponse, error) {
-	p, err := a.node.pool(in.GetPool())
+	name := in.GetPool()
+	if name == "" {
+		name = a.d.Engine.DefaultPool()
+	}
+	prev, err := a.d.Engine.Resize(name, int(in.GetSize()), in.GetDeadline().AsDuration())
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	prev, err := a.node.Resize(p.cfg.Name, int(in.GetSize()), in.GetDeadline().AsDuration())
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &snakepitv1.ResizeResponse{Pool: p.cfg.Name, PreviousSize: uint32(prev), Size: in.GetSize()}, nil
+	return &snakepitv1.ResizeResponse{Pool: name, PreviousSize: uint32(prev), Size: in.GetSize()}, nil
 }
 
 func (a *adminService) ListWorkers(_ context.Context, in *snakepitv1.ListWorkersRequest) (*snakepitv1.ListWorkersResponse, error) {
-	st, err := (&service{node: a.node}).Status(context.Background(), &snakepitv1.StatusRequest{})
+	st, err := (&service{Server: a.Server}).Status(context.Background(), &snakepitv1.StatusRequest{})
 	if err != nil {
 		return nil, err
 	}
 	if in.GetPool() != "" {
-		if _, err := a.node.pool(in.GetPool()); err != nil {
-			return nil, toStatus(err)
+		if _, ok := a.d.Engine.Pool(in.GetPool()); !ok {
+			return nil, toStatus(&call.UnknownPoolError{Pool: in.GetPool(), Known: a.d.Engine.Pools()})
 		}
 	}
 	out := &snakepitv1.ListWorkersResponse{}
@@ -191,21 +196,4 @@ func listenAdminSocket(path, group string) (net.Listener, error) {
 		}
 	}
 	return lis, nil
-}
-
-// AdminSocketPath resolves the admin socket of a config: admin_socket, else
-// $RUNTIME_DIRECTORY/admin.sock (systemd's RuntimeDirectory=), else
-// <state_dir>/admin.sock. "off" yields "".
-func AdminSocketPath(cfg Config) string {
-	switch cfg.AdminSocket {
-	case "off":
-		return ""
-	case "":
-	default:
-		return cfg.AdminSocket
-	}
-	if d := os.Getenv("RUNTIME_DIRECTORY"); d != "" {
-		return filepath.Join(strings.Split(d, ":")[0], "admin.sock")
-	}
-	return filepath.Join(cfg.withDefaults().StateDir, "admin.sock")
 }
