@@ -1,6 +1,7 @@
 package main
 
 import (
+	"github.com/snakepit/snakepit/pkg/agent/policy"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -36,6 +37,7 @@ func TestExampleConfigMatchesDefaults(t *testing.T) {
 	want.Pools = []agent.PoolConfig{pool}
 	want.AdminIdentities = []string{}
 	pool.GPUs.Pinned = []string{}
+	pool.Policies.NodeFilters = []policy.Ref{}
 	want.Pools = []agent.PoolConfig{pool}
 	want.Discovery.Static.Peers = []discovery.StaticPeer{}
 	if !reflect.DeepEqual(got, want) {
@@ -48,9 +50,13 @@ func TestExampleConfigMatchesDefaults(t *testing.T) {
 	}
 	for _, typ := range []reflect.Type{reflect.TypeOf(agent.Config{}), reflect.TypeOf(agent.PoolConfig{}),
 		reflect.TypeOf(agent.GPUConfig{}), reflect.TypeOf(discovery.Config{}), reflect.TypeOf(discovery.ConsulConfig{}),
-		reflect.TypeOf(discovery.TLSConfig{}), reflect.TypeOf(discovery.StaticConfig{})} {
+		reflect.TypeOf(discovery.TLSConfig{}), reflect.TypeOf(discovery.StaticConfig{}),
+		reflect.TypeOf(policy.Config{}), reflect.TypeOf(policy.Ref{})} {
 		for i := 0; i < typ.NumField(); i++ {
 			key := typ.Field(i).Tag.Get("mapstructure")
+			if key == "-" {
+				continue // not a config-file key
+			}
 			if !strings.Contains(string(text), "\n"+key+":") && !strings.Contains(string(text), " "+key+":") {
 				t.Errorf("configs/snakepitd.yaml does not document key %q", key)
 			}

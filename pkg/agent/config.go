@@ -354,6 +354,13 @@ func DefaultPool(name, adapter string) PoolConfig {
 		SessionIdleTimeout:   DefaultSessionIdleTimeout,
 		MaxSessionsPerWorker: DefaultMaxSessionsPerWorker,
 		StreamWindow:         DefaultStreamWindow,
+		Policies: policy.Config{
+			Node:        policy.Ref{Name: DefaultNodePolicy},
+			SessionNode: policy.Ref{Name: DefaultSessionNodePolicy},
+			Worker:      policy.Ref{Name: DefaultWorkerPolicy},
+			Queue:       policy.Ref{Name: DefaultQueuePolicy},
+			Affinity:    policy.Ref{Name: DefaultAffinityPolicy},
+		},
 	}
 }
 

@@ -14,7 +14,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-
 	"github.com/snakepit/snakepit/internal/freeport"
 	"github.com/snakepit/snakepit/pkg/discovery"
 	"github.com/snakepit/snakepit/pkg/router"
